@@ -1,0 +1,198 @@
+"""LoRA (Hu et al., 2021): a frozen linear layer plus a trainable low-rank update.
+
+    h = W0 x + (alpha / r) * B A dropout(x),   A: (r, in) random,  B: (out, r) zero
+
+B starts at zero, so the wrapped model computes exactly what the pretrained one did at step 0.
+LoRALinear subclasses nn.Linear and keeps W0 as `weight`, so state-dict names stay those of GPT-2.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from errors import UserError
+
+# Selectable targets: the attention and MLP projections of every GPT-2 block.
+TARGETS = ("c_attn", "attn.c_proj", "c_fc", "mlp.c_proj")
+ADAPTER_WEIGHTS = "adapter.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+
+
+class LoRALinear(nn.Linear):
+    def __init__(self, in_features: int, out_features: int, r: int, alpha: float, dropout: float = 0.0,
+                 rslora: bool = False, bias: bool = True):
+        if not 1 <= r <= min(in_features, out_features):
+            raise UserError(f"--lora_rank {r} must be between 1 and {min(in_features, out_features)} "
+                            f"for a {in_features}x{out_features} layer")
+        super().__init__(in_features, out_features, bias=bias)
+        self.r, self.alpha = r, alpha
+        # rsLoRA (Kalajdzievska, 2023) keeps the update's scale stable as r grows.
+        self.scaling = alpha / math.sqrt(r) if rslora else alpha / r
+        self.lora_dropout = nn.Dropout(dropout)
+        self.lora_A = nn.Parameter(torch.empty(r, in_features))
+        self.lora_B = nn.Parameter(torch.zeros(out_features, r))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # as nn.Linear, loralib and PEFT
+        self.weight.requires_grad_(False)
+        if self.bias is not None:
+            self.bias.requires_grad_(False)
+        self.merged = False
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, r: int, alpha: float, dropout: float = 0.0,
+                    rslora: bool = False) -> LoRALinear:
+        """Wrap an existing layer, sharing (not copying) its frozen weight and bias."""
+        lora = cls(linear.in_features, linear.out_features, r, alpha, dropout, rslora, bias=linear.bias is not None)
+        lora.to(device=linear.weight.device, dtype=linear.weight.dtype)
+        lora.weight = linear.weight
+        lora.bias = linear.bias
+        lora.weight.requires_grad_(False)
+        if lora.bias is not None:
+            lora.bias.requires_grad_(False)
+        return lora
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.linear(x, self.weight, self.bias)
+        if self.merged:
+            return y
+        return y + F.linear(F.linear(self.lora_dropout(x), self.lora_A), self.lora_B) * self.scaling
+
+    def delta_weight(self) -> torch.Tensor:
+        return (self.lora_B @ self.lora_A) * self.scaling  # (out, in)
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Fold B A into W0 so inference costs one matmul. Merging a merged layer does nothing."""
+        if not self.merged:
+            self.weight += self.delta_weight().to(self.weight.dtype)
+            self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Take B A back out of W0, e.g. to continue training. Unmerging an unmerged layer does nothing."""
+        if self.merged:
+            self.weight -= self.delta_weight().to(self.weight.dtype)
+            self.merged = False
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, r={self.r}, alpha={self.alpha}, merged={self.merged}"
+
+
+def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+def inject_lora(model: nn.Module, r: int, alpha: float, dropout: float = 0.0, targets: tuple[str, ...] = TARGETS,
+                rslora: bool = False, trainable: tuple[str, ...] = ("score",)) -> nn.Module:
+    """Replace the target projections of every block with LoRALinear, then freeze everything except the
+    LoRA matrices and the parameters under the `trainable` prefixes (the classification head)."""
+    unknown = set(targets) - set(TARGETS)
+    if unknown or not targets:
+        raise UserError(f"--lora_targets {','.join(sorted(unknown)) or '(empty)'}: choose from {','.join(TARGETS)}")
+    for name, module in list(model.named_modules()):
+        for child_name, child in list(module.named_children()):
+            full = f"{name}.{child_name}" if name else child_name
+            if isinstance(child, nn.Linear) and not isinstance(child, LoRALinear) and \
+                    any(full == t or full.endswith("." + t) for t in targets):
+                setattr(module, child_name, LoRALinear.from_linear(child, r, alpha, dropout, rslora))
+    for name, p in model.named_parameters():
+        p.requires_grad_("lora_" in name or name.startswith(trainable))
+    return model
+
+
+def merge_lora(model: nn.Module) -> None:
+    for m in lora_modules(model).values():
+        m.merge()
+
+
+def unmerge_lora(model: nn.Module) -> None:
+    for m in lora_modules(model).values():
+        m.unmerge()
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total); tied weights are counted once."""
+    params = {id(p): p for p in model.parameters()}.values()
+    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+
+
+def parameter_summary(model: nn.Module) -> str:
+    trainable, total = count_parameters(model)
+    return (f"trainable params: {trainable:,} of {total:,} ({100 * trainable / total:.3f}%), "
+            f"{total / max(trainable, 1):.0f}x fewer than full fine-tuning")
+
+
+def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The trainable tensors only: LoRA matrices and the head. This is what an adapter file holds."""
+    return {k: v.detach().contiguous() for k, v in model.named_parameters() if v.requires_grad}
+
+
+def save_adapter(model: nn.Module, out_dir: str | Path, config: dict) -> Path:
+    """Write adapter.safetensors (LoRA matrices + head) and adapter_config.json (how to rebuild the model)."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if any(m.merged for m in lora_modules(model).values()):
+        raise RuntimeError("save_adapter on a merged model: unmerge first, the adapter must not include W0")
+    weights = adapter_state_dict(model)
+    tmp = out_dir / (ADAPTER_WEIGHTS + ".tmp")
+    save_file({k: v.cpu() for k, v in weights.items()}, str(tmp))
+    tmp.replace(out_dir / ADAPTER_WEIGHTS)
+    (out_dir / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2))
+    return out_dir / ADAPTER_WEIGHTS
+
+
+def read_adapter_config(adapter_dir: str | Path) -> dict:
+    path = Path(adapter_dir) / ADAPTER_CONFIG
+    if not path.is_file():
+        raise UserError(f"{path} not found: train a LoRA teacher first with `python train_lora.py` "
+                        f"(its --out_dir holds the adapter)")
+    return json.loads(path.read_text())
+
+
+def load_adapter(model: nn.Module, adapter_dir: str | Path) -> None:
+    """Load adapter weights onto a model that already has LoRA injected with the same config; every
+    name and shape must match exactly."""
+    path = Path(adapter_dir) / ADAPTER_WEIGHTS
+    if not path.is_file():
+        raise UserError(f"{path} not found: train a LoRA teacher first with `python train_lora.py`")
+    weights = load_file(str(path))
+    expected = {k: p for k, p in model.named_parameters() if p.requires_grad}
+    if set(weights) != set(expected):
+        missing, extra = sorted(set(expected) - set(weights)), sorted(set(weights) - set(expected))
+        raise UserError(f"{path} does not match the model: missing {missing[:3]}, unexpected {extra[:3]}")
+    for k, v in weights.items():
+        if v.shape != expected[k].shape:
+            raise UserError(f"{path}: {k} has shape {tuple(v.shape)}, the model expects {tuple(expected[k].shape)}")
+    with torch.no_grad():
+        for k, v in weights.items():
+            expected[k].copy_(v)
+
+
+def build_lora_classifier(adapter_dir: str | Path) -> tuple[nn.Module, dict]:
+    """Rebuild a fine-tuned classifier from a train_lora.py output directory: the base GPT-2 named in its
+    adapter_config.json, LoRA injected the same way, and the saved adapter loaded. Mismatches are refused."""
+    from model import GPT
+
+    cfg = read_adapter_config(adapter_dir)
+    model = GPT.from_pretrained(cfg["gpt_variant"], n_classes=cfg["n_classes"])
+    got = {k: getattr(model.config, k) for k in ("n_layer", "n_head", "n_embd", "vocab_size")}
+    want = {k: cfg[k] for k in got}
+    if got != want:
+        raise UserError(f"{Path(adapter_dir) / ADAPTER_CONFIG} was trained on a base with {want}, but "
+                        f"'{cfg['gpt_variant']}' has {got}")
+    inject_lora(model, cfg["lora_rank"], cfg["lora_alpha"], cfg["lora_dropout"], tuple(cfg["lora_targets"]),
+                cfg["rslora"])
+    load_adapter(model, adapter_dir)
+    return model, cfg
+
+
+def export_peft(model: nn.Module, config: dict, out_dir: str | Path) -> Path:
+    """Write the adapter in PEFT's format (adapter_config.json + adapter_model.safetensors), loadable with
+    peft.PeftModel.from_pretrained onto transformers' GPT2ForSequenceClassification over the same base."""
+    raise NotImplementedError

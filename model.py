@@ -1,0 +1,301 @@
+"""GPT-2 in one file, nanoGPT-style, plus the DistilRNN student that is distilled from it.
+
+Module names match the Hugging Face GPT-2 state dict (transformer.wte, transformer.h.0.attn.c_attn, ...),
+so pretrained weights load key for key; the four Conv1D weights are transposed on load because HF stores
+them as (in, out) while nn.Linear stores (out, in).
+
+Run it to generate text:  python model.py --gpt_variant gpt2 --prompt "The cat"
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.utils.rnn import pack_padded_sequence
+
+from errors import UserError
+
+# Hub names and their shapes (n_layer, n_head, n_embd): the checkpoints GPT.from_pretrained downloads.
+HUB_VARIANTS = {
+    "gpt2": (12, 12, 768),
+    "gpt2-medium": (24, 16, 1024),
+    "gpt2-large": (36, 20, 1280),
+    "gpt2-xl": (48, 25, 1600),
+}
+EOT_TOKEN = 50256  # <|endoftext|>; also our padding token (right padding never reaches a real token)
+# HF GPT-2 Conv1D weights are (in, out); ours are nn.Linear (out, in).
+CONV1D_SUFFIXES = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+
+
+@dataclass
+class GPTConfig:
+    block_size: int = 1024
+    vocab_size: int = 50257
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    dropout: float = 0.0
+    layer_norm_epsilon: float = 1e-5
+    n_classes: int = 2
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        assert config.n_embd % config.n_head == 0
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)  # q, k, v for all heads, in one matmul
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd)
+        self.resid_dropout = nn.Dropout(config.dropout)
+        self.n_head = config.n_head
+        self.dropout = config.dropout
+
+    def forward(self, x: torch.Tensor, query_idx: torch.Tensor | None = None) -> torch.Tensor:
+        """x: (B, T, C). With query_idx (B,), only the row at that position of each sequence is computed,
+        attending to positions <= query_idx; the output is then (B, 1, C)."""
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        dropout_p = self.dropout if self.training else 0.0
+        if query_idx is None:
+            q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
+        else:
+            rows = torch.arange(B, device=x.device)
+            q = q[rows, query_idx].view(B, 1, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, 1, hs)
+            visible = torch.arange(T, device=x.device)[None, :] <= query_idx[:, None]  # (B, T)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=visible[:, None, None, :], dropout_p=dropout_p)
+        y = y.transpose(1, 2).reshape(B, -1, C)  # (B, T or 1, C)
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # GPT-2 uses the tanh approximation of GELU ("gelu_new" in transformers).
+        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))
+
+
+class Block(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.mlp = MLP(config)
+
+    def forward(self, x: torch.Tensor, query_idx: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, T, C) -> (B, T, C), or (B, 1, C) holding only the query_idx rows when it is given."""
+        if query_idx is None:
+            x = x + self.attn(self.ln_1(x))
+        else:
+            x = x[torch.arange(x.size(0), device=x.device), query_idx].unsqueeze(1) + self.attn(self.ln_1(x), query_idx)
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT(nn.Module):
+    """GPT-2 with a language-model head (tied to wte) and a sequence-classification head (`score`)."""
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.vocab_size, config.n_embd),
+            wpe=nn.Embedding(config.block_size, config.n_embd),
+            drop=nn.Dropout(config.dropout),
+            h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+            ln_f=nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon),
+        ))
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head.weight = self.transformer.wte.weight  # weight tying, as in GPT-2
+        # Named and shaped like transformers' GPT2ForSequenceClassification.score, so adapters export to PEFT.
+        self.score = nn.Linear(config.n_embd, config.n_classes, bias=False)
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():  # GPT-2's scaled init of the residual projections
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def _embed(self, idx: torch.Tensor) -> torch.Tensor:
+        T = idx.size(1)
+        if T > self.config.block_size:
+            raise UserError(f"sequence of {T} tokens exceeds the model's block size {self.config.block_size}")
+        pos = torch.arange(T, device=idx.device)
+        return self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Language modelling. idx (B, T) -> logits (B, T, vocab), and the next-token loss if targets are given."""
+        x = self._embed(idx)
+        for block in self.transformer.h:
+            x = block(x)
+        logits = self.lm_head(self.transformer.ln_f(x))  # (B, T, vocab)
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
+        return logits, loss
+
+    def classify(self, idx: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """Classification from the hidden state of the last real token. idx (B, T) right-padded, lengths (B,)
+        -> logits (B, n_classes).
+
+        Only the pooled token reaches the head, so the last block computes its attention output and MLP
+        for that one position; the LM head is never run.
+        """
+        x = self._embed(idx)
+        for block in self.transformer.h[:-1]:
+            x = block(x)
+        x = self.transformer.h[-1](x, query_idx=lengths - 1)  # (B, 1, C)
+        return self.score(self.transformer.ln_f(x[:, 0]))  # (B, n_classes)
+
+    @torch.no_grad()
+    def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
+        """Append max_new_tokens tokens to idx (B, T). temperature == 0 is greedy decoding."""
+        for _ in range(max_new_tokens):
+            idx_cond = idx[:, -self.config.block_size:]
+            logits = self(idx_cond)[0][:, -1, :]  # (B, vocab)
+            if temperature == 0:
+                idx_next = logits.argmax(dim=-1, keepdim=True)
+            else:
+                logits = logits / temperature
+                if top_k is not None:
+                    v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
+                    logits[logits < v[:, [-1]]] = -float("inf")
+                idx_next = torch.multinomial(F.softmax(logits, dim=-1), num_samples=1, generator=generator)
+            idx = torch.cat((idx, idx_next), dim=1)
+        return idx
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str, dropout: float = 0.0, n_classes: int = 2) -> GPT:
+        """Load GPT-2 weights from a hub name (downloaded once into the Hugging Face cache) or from a local
+        directory holding a transformers GPT-2 checkpoint. The `score` head starts random."""
+        from transformers import GPT2LMHeadModel  # imported here: only weight loading needs transformers
+
+        path = Path(name_or_path)
+        if path.is_dir():
+            config_file = path / "config.json"
+            if not config_file.is_file():
+                raise UserError(f"{path} holds no config.json: it is not a transformers checkpoint directory")
+            model_type = json.loads(config_file.read_text()).get("model_type")
+            if model_type != "gpt2":
+                raise UserError(f"{path} holds a '{model_type}' checkpoint, not GPT-2 (config.json model_type)")
+        elif name_or_path not in HUB_VARIANTS:
+            raise UserError(f"--gpt_variant '{name_or_path}' is neither a directory nor one of "
+                            f"{', '.join(HUB_VARIANTS)}")
+        try:
+            hf = GPT2LMHeadModel.from_pretrained(name_or_path)
+        except OSError as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise UserError(f"could not load GPT-2 weights '{name_or_path}' ({first}). Offline, pass a local "
+                            "directory instead: --gpt_variant /path/to/checkpoint (made by transformers' "
+                            "save_pretrained, or a copy of the hub's files)") from None
+        c = hf.config
+        unsupported = [name for name, ok in [
+            ("activation_function", c.activation_function == "gelu_new"),
+            ("scale_attn_weights", c.scale_attn_weights),
+            ("scale_attn_by_inverse_layer_idx", not c.scale_attn_by_inverse_layer_idx),
+            ("reorder_and_upcast_attn", not c.reorder_and_upcast_attn),
+            ("n_inner", c.n_inner in (None, 4 * c.n_embd)),
+        ] if not ok]
+        if unsupported:
+            raise UserError(f"'{name_or_path}' uses GPT-2 options this model does not implement: {', '.join(unsupported)}")
+        config = GPTConfig(block_size=c.n_positions, vocab_size=c.vocab_size, n_layer=c.n_layer, n_head=c.n_head,
+                           n_embd=c.n_embd, layer_norm_epsilon=c.layer_norm_epsilon, dropout=dropout,
+                           n_classes=n_classes)
+        model = cls(config)
+        sd, sd_hf = model.state_dict(), hf.state_dict()
+        with torch.no_grad():
+            for k, v in sd.items():
+                if k.startswith("score.") or k == "lm_head.weight":
+                    continue  # the head is new; lm_head is tied to wte
+                src = sd_hf[k]
+                v.copy_(src.t() if k.endswith(CONV1D_SUFFIXES) else src)
+        return model
+
+
+class DistilRNN(nn.Module):
+    """A small recurrent classifier over GPT-2 tokens: embedding -> RNN/GRU/LSTM -> linear.
+
+    It reads the final state of each *real* sequence (sequences are packed by length), never a padding
+    step, so a sentence's prediction does not depend on what it is batched with.
+    """
+
+    CELLS = {"rnn": nn.RNN, "gru": nn.GRU, "lstm": nn.LSTM}
+
+    def __init__(self, vocab_size: int = 50257, embd_dim: int = 768, hidden_size: int = 256, num_layers: int = 1,
+                 cell: str = "gru", bidirectional: bool = True, dropout: float = 0.2, n_classes: int = 2):
+        super().__init__()
+        if cell not in self.CELLS:
+            raise UserError(f"--cell '{cell}' is not one of {', '.join(self.CELLS)}")
+        self.config = dict(vocab_size=vocab_size, embd_dim=embd_dim, hidden_size=hidden_size, num_layers=num_layers,
+                           cell=cell, bidirectional=bidirectional, dropout=dropout, n_classes=n_classes)
+        self.wte = nn.Embedding(vocab_size, embd_dim)
+        self.rnn = self.CELLS[cell](embd_dim, hidden_size, num_layers=num_layers, batch_first=True,
+                                    bidirectional=bidirectional, dropout=dropout if num_layers > 1 else 0.0)
+        self.drop = nn.Dropout(dropout)
+        self.head = nn.Linear(hidden_size * (2 if bidirectional else 1), n_classes)
+
+    def classify(self, idx: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """idx (B, T) right-padded, lengths (B,) -> logits (B, n_classes)."""
+        x = self.drop(self.wte(idx))  # (B, T, E)
+        packed = pack_padded_sequence(x, lengths.cpu(), batch_first=True, enforce_sorted=False)
+        _, h = self.rnn(packed)
+        if isinstance(h, tuple):  # LSTM returns (h_n, c_n)
+            h = h[0]
+        # h: (num_layers * directions, B, H), in the batch's original order; keep the top layer.
+        h = h.view(self.rnn.num_layers, -1, h.size(1), h.size(2))[-1]  # (directions, B, H)
+        h = torch.cat(list(h), dim=-1)  # (B, directions * H): forward final state, backward state at step 0
+        return self.head(self.drop(h))
+
+    forward = classify
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="Generate text with GPT-2.")
+    parser.add_argument("--gpt_variant", default="gpt2", help="hub name or local checkpoint directory")
+    parser.add_argument("--prompt", default="The meaning of life is")
+    parser.add_argument("--max_new_tokens", type=int, default=50)
+    parser.add_argument("--temperature", type=float, default=0.8, help="0 means greedy decoding")
+    parser.add_argument("--top_k", type=int, default=200)
+    parser.add_argument("--num_samples", type=int, default=1)
+    parser.add_argument("--seed", type=int, default=1337)
+    parser.add_argument("--device", default="auto")
+    args = parser.parse_args()
+    import tiktoken
+
+    from trainer import pick_device, run_cli
+
+    def run() -> None:
+        device = pick_device(args.device)
+        model = GPT.from_pretrained(args.gpt_variant).to(device).eval()
+        enc = tiktoken.get_encoding("gpt2")
+        idx = torch.tensor([enc.encode_ordinary(args.prompt)], device=device)
+        gen = torch.Generator(device=device).manual_seed(args.seed)
+        for _ in range(args.num_samples):
+            out = model.generate(idx, args.max_new_tokens, args.temperature, args.top_k, generator=gen)
+            print(enc.decode(out[0].tolist()))
+            print("---------------")
+
+    run_cli(run)
+
+
+if __name__ == "__main__":
+    main()

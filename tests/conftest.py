@@ -1,0 +1,52 @@
+"""Shared fixtures. Real CoLA and real tiktoken: from ../shared when it is there (CI, offline), otherwise
+downloaded once through data.py's own downloader and tiktoken's, into a cache (a user's fresh clone)."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+sys.path.insert(0, str(ROOT))
+
+if (SHARED / "tiktoken").is_dir():
+    os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(SHARED / "tiktoken"))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the hub; local checkpoints only
+
+
+@pytest.fixture(scope="session")
+def cola_dir() -> Path:
+    """A --data_dir holding CoLA."""
+    if (SHARED / "cola" / "cola_public" / "raw").is_dir():
+        return SHARED / "cola"
+    from data import ensure_cola
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "gpt2-lora-cola"
+    ensure_cola(cache)
+    return cache
+
+
+@pytest.fixture(scope="session")
+def cola(cola_dir):
+    """The three tokenized splits, full size."""
+    from data import load_cola
+    return load_cola(cola_dir)
+
+
+def make_gpt2_checkpoint(path: Path, n_layer: int = 2, n_head: int = 2, n_embd: int = 32, n_positions: int = 128,
+                         seed: int = 0) -> Path:
+    """Save a random transformers GPT-2 (LM head) checkpoint; loaded back through GPT.from_pretrained."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+    torch.manual_seed(seed)
+    config = GPT2Config(n_layer=n_layer, n_head=n_head, n_embd=n_embd, n_positions=n_positions)
+    GPT2LMHeadModel(config).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2(tmp_path_factory) -> Path:
+    return make_gpt2_checkpoint(tmp_path_factory.mktemp("tiny_gpt2"))

@@ -1,0 +1,406 @@
+"""What train_lora.py and train_distil.py share: flags, the training loop, metrics, resumable checkpoints
+and plots. Both models expose `classify(ids, lengths) -> logits (B, n_classes)`, which is all the loop needs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from data import Batch, Dataset, iterate, num_batches
+from errors import UserError
+
+CHECKPOINT = "checkpoint.safetensors"
+METRICS = "metrics.json"
+LossFn = Callable[[torch.Tensor, Batch], torch.Tensor]
+
+
+# ---------------------------------------------------------------- command line
+
+def run_cli(main: Callable[[], None]) -> None:
+    """Run a script's main: a UserError becomes one line on stderr and exit status 2, no traceback."""
+    try:
+        main()
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted: the last completed epoch is saved, continue with --resume", file=sys.stderr)
+        sys.exit(130)
+
+
+def _checked(kind: type, test: Callable[[float], bool], what: str) -> Callable[[str], float]:
+    def parse(s: str):
+        try:
+            v = kind(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{s!r} is not a {kind.__name__}") from None
+        if not test(v):
+            raise argparse.ArgumentTypeError(f"{s} must be {what}")
+        return v
+    return parse
+
+
+positive_int = _checked(int, lambda v: v > 0, "> 0")
+nonneg_int = _checked(int, lambda v: v >= 0, ">= 0")
+positive_float = _checked(float, lambda v: v > 0 and math.isfinite(v), "> 0")
+nonneg_float = _checked(float, lambda v: v >= 0 and math.isfinite(v), ">= 0")
+unit_float = _checked(float, lambda v: 0 <= v <= 1, "in [0, 1]")
+dropout_float = _checked(float, lambda v: 0 <= v < 1, "in [0, 1)")
+
+
+def add_common_args(p: argparse.ArgumentParser, *, out_dir: str, epochs: int, lr: float, batch_size: int,
+                    weight_decay: float, warmup_ratio: float) -> None:
+    """Flags both scripts take, with each script's own defaults."""
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--epochs", type=positive_int, default=epochs)
+    g.add_argument("--lr", type=positive_float, default=lr, help="peak learning rate (AdamW)")
+    g.add_argument("--batch_size", type=positive_int, default=batch_size)
+    g.add_argument("--weight_decay", type=nonneg_float, default=weight_decay)
+    g.add_argument("--warmup_ratio", type=unit_float, default=warmup_ratio,
+                   help="fraction of steps of linear warmup; the rest decays linearly to 0")
+    g.add_argument("--grad_clip", type=nonneg_float, default=1.0, help="max gradient norm, 0 to disable")
+    g.add_argument("--seed", type=int, default=1337)
+    g = p.add_argument_group("placement and I/O")
+    g.add_argument("--device", default="auto", help="auto picks cuda, then mps, then cpu")
+    g.add_argument("--compile", action="store_true", help="torch.compile the model (CUDA)")
+    g.add_argument("--data_dir", default="data", help="CoLA is downloaded and extracted here")
+    g.add_argument("--out_dir", default=out_dir)
+    g.add_argument("--plots_dir", default="plots")
+    g.add_argument("--resume", action="store_true", help="continue from the last completed epoch in --out_dir")
+    g.add_argument("--max_train_samples", type=nonneg_int, default=None, help="use the first N training rows")
+    g.add_argument("--max_eval_samples", type=nonneg_int, default=None, help="use the first N rows of each dev set")
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"--device {name!r} is not a device (try auto, cpu, cuda, cuda:1, mps)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {name}: CUDA is not available on this machine")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise UserError(f"--device {name}: MPS is not available on this machine")
+    return device
+
+
+def check_writable(path: str | Path, flag: str) -> Path:
+    """Fail now, not after an hour of training, if an output directory cannot be written."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".write_test_{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise UserError(f"{flag} {path} is not writable: {e.strerror or e}") from None
+    return path
+
+
+def prepare_outputs(args: argparse.Namespace) -> None:
+    """Check, before any model is loaded, that the run can write its outputs and can resume if asked to."""
+    out_dir = check_writable(args.out_dir, "--out_dir")
+    check_writable(args.plots_dir, "--plots_dir")
+    if args.resume and not (out_dir / CHECKPOINT).is_file():
+        raise UserError(f"--resume: no checkpoint at {out_dir / CHECKPOINT}; run without --resume to start")
+
+
+def run_config(args: argparse.Namespace) -> dict:
+    """The flags that define a run's results (recorded in metrics.json, compared on --resume)."""
+    skip = {"resume", "device", "compile", "out_dir", "plots_dir", "data_dir", "export_peft"}
+    return json.loads(json.dumps({k: v for k, v in vars(args).items() if k not in skip}))
+
+
+def autocast(device: torch.device):
+    """bf16 autocast on CUDA; full precision elsewhere (CPU bf16 is slower for these shapes)."""
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+# ---------------------------------------------------------------- metrics
+
+def matthews_corrcoef(preds: torch.Tensor, labels: torch.Tensor) -> float:
+    """CoLA's official metric. 0 for a constant predictor, whatever its accuracy."""
+    p, y = preds.long(), labels.long()
+    tp = float(((p == 1) & (y == 1)).sum()); tn = float(((p == 0) & (y == 0)).sum())
+    fp = float(((p == 1) & (y == 0)).sum()); fn = float(((p == 0) & (y == 1)).sum())
+    denom = math.sqrt((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn))
+    return (tp * tn - fp * fn) / denom if denom > 0 else 0.0
+
+
+def summarize(preds: torch.Tensor, labels: torch.Tensor) -> dict:
+    pos_rate = float(preds.float().mean())
+    return {"acc": float((preds == labels).float().mean()), "mcc": matthews_corrcoef(preds, labels),
+            "pos_rate": pos_rate, "collapsed": pos_rate in (0.0, 1.0)}
+
+
+def describe(stats: dict, majority_acc: float) -> str:
+    s = f"acc {stats['acc']:.4f} mcc {stats['mcc']:.4f} (majority baseline acc {majority_acc:.4f})"
+    if stats["collapsed"]:
+        s += f" COLLAPSED: predicts only class {int(stats['pos_rate'])}"
+    return s
+
+
+@torch.no_grad()
+def predict_logits(model: nn.Module, ds: Dataset, batch_size: int, device: torch.device,
+                   desc: str | None = None) -> torch.Tensor:
+    """Logits (N, n_classes) in float32, in dataset order."""
+    was_training = model.training
+    model.eval()
+    out = torch.empty(len(ds), 0)
+    for batch in tqdm(iterate(ds, batch_size, shuffle=False), total=num_batches(ds, batch_size), desc=desc,
+                      leave=False, disable=desc is None):
+        batch = batch.to(device)
+        with autocast(device):
+            logits = model.classify(batch.ids, batch.lengths).float().cpu()
+        if out.size(1) == 0:
+            out = torch.empty(len(ds), logits.size(1))
+        out[batch.index.cpu()] = logits
+    model.train(was_training)
+    return out
+
+
+def evaluate(model: nn.Module, ds: Dataset, batch_size: int, device: torch.device, desc: str | None = None) -> dict:
+    """Loss (cross-entropy against the gold labels), accuracy, MCC and the rate of predicted 1s."""
+    logits = predict_logits(model, ds, batch_size, device, desc)
+    labels = torch.tensor(ds.labels)
+    return {"loss": F.cross_entropy(logits, labels).item(), **summarize(logits.argmax(-1), labels)}
+
+
+def prior_loss(ds: Dataset) -> float:
+    """Cross-entropy of always predicting the label frequencies: the loss a model learns for free."""
+    p = sum(ds.labels) / len(ds)
+    return -sum(q * math.log(q) for q in (p, 1 - p) if q > 0)
+
+
+# ---------------------------------------------------------------- checkpoints (safetensors + JSON, no pickle)
+
+def save_checkpoint(path: Path, tensors: dict[str, torch.Tensor], state: dict) -> None:
+    """One safetensors file, the JSON state in its metadata; written to a temp file and renamed, so a kill
+    mid-write leaves the previous checkpoint intact."""
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp),
+              metadata={"state": json.dumps(state)})
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    from safetensors import safe_open
+    with safe_open(str(path), framework="pt") as f:
+        state = json.loads(f.metadata()["state"])
+    return load_file(str(path)), state
+
+
+def optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    sd = opt.state_dict()
+    tensors, keys = {}, {}
+    for pid, st in sd["state"].items():
+        keys[str(pid)] = list(st)
+        for k, v in st.items():
+            tensors[f"optim.{pid}.{k}"] = v if torch.is_tensor(v) else torch.tensor(v)
+    return tensors, {"param_groups": sd["param_groups"], "state_keys": keys}
+
+
+def load_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    state = {int(pid): {k: tensors[f"optim.{pid}.{k}"] for k in ks} for pid, ks in meta["state_keys"].items()}
+    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
+
+# ---------------------------------------------------------------- plots
+
+def plot_run(history: list[dict], prefix: str, plots_dir: Path, majority_acc: float, prior: float) -> list[Path]:
+    """{prefix}_loss.png and {prefix}_accuracy.png: train and dev curves, with the majority baseline."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [r["epoch"] for r in history]
+    paths = []
+    for kind, series, baseline, label in [
+        ("loss", [("train_loss", "train"), ("val_loss", "dev")], prior, "majority baseline (class prior)"),
+        ("accuracy", [("train_acc", "train acc"), ("val_acc", "dev acc"), ("val_mcc", "dev MCC")],
+         majority_acc, f"majority baseline acc ({majority_acc:.3f})"),
+    ]:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for key, name in series:
+            ax.plot(epochs, [r[key] for r in history], marker="o", label=name)
+        ax.axhline(baseline, color="gray", linestyle="--", label=label)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(kind)
+        ax.set_title(f"{prefix}: {kind}")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        path = plots_dir / f"{prefix}_{kind}.png"
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def plot_comparison(runs: dict[str, dict], plots_dir: Path) -> tuple[Path, str]:
+    """comparison.png and a markdown table: best-epoch dev accuracy and MCC of each run, beside the baseline."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(runs)
+    best = [runs[n]["best"] for n in names]
+    majority = runs[names[0]]["majority_baseline"]["val_acc"]
+    rows = ["| run | dev acc | dev MCC | collapsed | OOD dev acc | OOD dev MCC |", "|---|---|---|---|---|---|",
+            f"| majority baseline | {majority:.4f} | 0.0000 | yes | | |"]
+    for n, b in zip(names, best):
+        ood = runs[n].get("ood_dev") or {}
+        ood_cells = f"{ood['acc']:.4f} | {ood['mcc']:.4f}" if ood else " | "
+        rows.append(f"| {n} | {b['val_acc']:.4f} | {b['val_mcc']:.4f} | {'yes' if b['val_collapsed'] else 'no'} | {ood_cells} |")
+    table = "\n".join(rows)
+    fig, ax = plt.subplots(figsize=(1.8 * len(names) + 2, 4))
+    x = torch.arange(len(names)).float()
+    ax.bar(x - 0.2, [b["val_acc"] for b in best], 0.4, label="dev accuracy")
+    ax.bar(x + 0.2, [b["val_mcc"] for b in best], 0.4, label="dev MCC")
+    ax.axhline(majority, color="gray", linestyle="--", label=f"majority baseline acc ({majority:.3f})")
+    ax.set_xticks(x.tolist(), names)
+    ax.set_ylim(min(0.0, min(b["val_mcc"] for b in best)), 1.0)
+    ax.set_title("CoLA in-domain dev, best epoch of each run")
+    ax.legend(loc="upper left", fontsize=8)
+    fig.tight_layout()
+    path = plots_dir / "comparison.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    (plots_dir / "comparison.md").write_text(table + "\n")
+    return path, table
+
+
+# ---------------------------------------------------------------- the loop
+
+def make_optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
+    """AdamW; matrices are decayed, vectors (biases, norms) are not."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, betas=(0.9, 0.999), eps=1e-8)
+
+
+def warmup_linear(total_steps: int, warmup_ratio: float) -> Callable[[int], float]:
+    """LR multiplier: linear warmup, then linear decay to zero (the LoRA paper's GLUE schedule)."""
+    warmup = int(total_steps * warmup_ratio)
+
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return max(0.0, (total_steps - step) / max(1, total_steps - warmup))
+    return f
+
+
+def fit(model: nn.Module, train_ds: Dataset, val_ds: Dataset, loss_fn: LossFn, args: argparse.Namespace,
+        config: dict, run_name: str, save_best: Callable[[], None]) -> dict:
+    """Train for args.epochs, evaluating on val_ds after each epoch.
+
+    After every epoch: metrics.json, the plots, save_best() if dev MCC improved, and a resumable checkpoint
+    (trainable weights, optimizer, scheduler, RNG). Returns the metrics dict.
+    """
+    device = next(model.parameters()).device
+    out_dir, plots_dir = Path(args.out_dir), Path(args.plots_dir)
+    trainable = {k: p for k, p in model.named_parameters() if p.requires_grad}
+    optimizer = make_optimizer(model, args.lr, args.weight_decay)
+    steps_per_epoch = num_batches(train_ds, args.batch_size)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_linear(args.epochs * steps_per_epoch, args.warmup_ratio))
+    metrics = {"config": config, "majority_baseline": {"val_acc": val_ds.majority_acc, "val_loss": prior_loss(val_ds)},
+               "epochs": [], "best_epoch": None, "best": None}
+
+    ckpt_path = out_dir / CHECKPOINT
+    if args.resume:
+        tensors, state = load_checkpoint(ckpt_path)
+        if state["config"] != config:
+            diff = sorted(k for k in set(config) | set(state["config"]) if config.get(k) != state["config"].get(k))
+            raise UserError(f"--resume: {ckpt_path} was written with a different config ({', '.join(diff)} differ)")
+        with torch.no_grad():
+            for k, p in trainable.items():
+                p.copy_(tensors[f"model.{k}"])
+        load_optimizer(optimizer, tensors, state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(tensors["rng.cpu"])
+        if device.type == "cuda":
+            torch.cuda.set_rng_state(tensors["rng.cuda"], device)
+        metrics = state["metrics"]
+        print(f"resumed from {ckpt_path} after epoch {len(metrics['epochs'])}")
+
+    step_fn = torch.compile(model.classify, dynamic=True) if args.compile else model.classify
+    for epoch in range(len(metrics["epochs"]) + 1, args.epochs + 1):
+        model.train()
+        t0 = time.time()
+        loss_sum, correct, seen = 0.0, 0, 0
+        bar = tqdm(iterate(train_ds, args.batch_size, shuffle=True, seed=args.seed + epoch), total=steps_per_epoch,
+                   desc=f"{run_name} epoch {epoch}/{args.epochs}", leave=False)
+        for step, batch in enumerate(bar, start=1):
+            batch = batch.to(device)
+            with autocast(device):
+                logits = step_fn(batch.ids, batch.lengths).float()  # (B, n_classes)
+            loss = loss_fn(logits, batch)
+            if not torch.isfinite(loss):
+                raise UserError(f"loss is {loss.item()} at epoch {epoch} step {step}; stopped. The last good "
+                                f"checkpoint ({ckpt_path}) is kept: try a lower --lr")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if args.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(trainable.values(), args.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            n = batch.labels.size(0)
+            loss_sum += loss.item() * n
+            correct += int((logits.argmax(-1) == batch.labels).sum())
+            seen += n
+            bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{correct / seen:.3f}")
+        val = evaluate(model, val_ds, args.batch_size, device, desc="dev")
+        record = {"epoch": epoch, "train_loss": loss_sum / seen, "train_acc": correct / seen,
+                  "val_loss": val["loss"], "val_acc": val["acc"], "val_mcc": val["mcc"],
+                  "val_pos_rate": val["pos_rate"], "val_collapsed": val["collapsed"],
+                  "lr": scheduler.get_last_lr()[0]}
+        metrics["epochs"].append(record)
+        print(f"epoch {epoch}: train loss {record['train_loss']:.4f} acc {record['train_acc']:.4f} | dev loss "
+              f"{val['loss']:.4f} {describe(val, val_ds.majority_acc)} | {time.time() - t0:.1f}s")
+        if metrics["best"] is None or record["val_mcc"] > metrics["best"]["val_mcc"]:
+            metrics["best_epoch"], metrics["best"] = epoch, record
+            save_best()
+        write_json(out_dir / METRICS, metrics)
+        plot_run(metrics["epochs"], run_name, plots_dir, val_ds.majority_acc, prior_loss(val_ds))
+        tensors = {f"model.{k}": p for k, p in trainable.items()}
+        opt_tensors, opt_meta = optimizer_tensors(optimizer)
+        tensors.update(opt_tensors)
+        tensors["rng.cpu"] = torch.get_rng_state()
+        if device.type == "cuda":
+            tensors["rng.cuda"] = torch.cuda.get_rng_state(device)
+        save_checkpoint(ckpt_path, tensors, {"config": config, "optimizer": opt_meta,
+                                             "scheduler": scheduler.state_dict(), "metrics": metrics})
+    return metrics
+
+
+def write_json(path: Path, obj: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2))
+    os.replace(tmp, path)
+
+
+def report_ood(metrics: dict, model: nn.Module, ood_ds: Dataset, batch_size: int, device: torch.device) -> None:
+    """Score the best checkpoint on out-of-domain dev: reported, never used to choose an epoch."""
+    stats = evaluate(model, ood_ds, batch_size, device, desc="ood dev")
+    metrics["ood_dev"] = {**stats, "majority_acc": ood_ds.majority_acc}
+    print(f"best epoch {metrics['best_epoch']}: dev {describe({k[4:]: v for k, v in metrics['best'].items() if k.startswith('val_')}, metrics['majority_baseline']['val_acc'])}")
+    print(f"out-of-domain dev: {describe(stats, ood_ds.majority_acc)}")
