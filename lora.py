@@ -124,8 +124,8 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
 
 def parameter_summary(model: nn.Module) -> str:
     trainable, total = count_parameters(model)
-    return (f"trainable params: {trainable:,} of {total:,} ({100 * trainable / total:.3f}%), "
-            f"{total / max(trainable, 1):.0f}x fewer than full fine-tuning")
+    s = f"trainable params: {trainable:,} of {total:,} ({100 * trainable / total:.3f}%)"
+    return s + (f", {total / trainable:.0f}x fewer than full fine-tuning" if 0 < trainable < total else "")
 
 
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -194,5 +194,29 @@ def build_lora_classifier(adapter_dir: str | Path) -> tuple[nn.Module, dict]:
 
 def export_peft(model: nn.Module, config: dict, out_dir: str | Path) -> Path:
     """Write the adapter in PEFT's format (adapter_config.json + adapter_model.safetensors), loadable with
-    peft.PeftModel.from_pretrained onto transformers' GPT2ForSequenceClassification over the same base."""
-    raise NotImplementedError
+    peft.PeftModel.from_pretrained onto transformers' GPT2ForSequenceClassification over the same base.
+
+    Module names are transformers' already, so each key only gains PEFT's `base_model.model.` prefix and
+    `.weight`. PEFT's lora_A (r, in) and lora_B (out, r) are laid out as ours even on GPT-2's Conv1D
+    (fan_in_fan_out transposes only the merged product), and `score` goes as a whole module. W0 is never
+    written, so a merged model exports the same adapter. `config` is the one save_adapter writes."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    prefix = "base_model.model."
+    weights = {}
+    for name, m in lora_modules(model).items():
+        weights[f"{prefix}{name}.lora_A.weight"] = m.lora_A
+        weights[f"{prefix}{name}.lora_B.weight"] = m.lora_B
+    for name, p in model.score.named_parameters():
+        weights[f"{prefix}score.{name}"] = p
+    path = out_dir / "adapter_model.safetensors"
+    save_file({k: v.detach().cpu().contiguous() for k, v in weights.items()}, str(path), metadata={"format": "pt"})
+    peft_config = {
+        "peft_type": "LORA", "task_type": "SEQ_CLS", "base_model_name_or_path": str(config["gpt_variant"]),
+        "r": int(config["lora_rank"]), "lora_alpha": float(config["lora_alpha"]),
+        "lora_dropout": float(config["lora_dropout"]), "use_rslora": bool(config["rslora"]),
+        "target_modules": [str(t) for t in config["lora_targets"]],
+        "fan_in_fan_out": True, "bias": "none", "modules_to_save": ["score"],
+    }
+    (out_dir / "adapter_config.json").write_text(json.dumps(peft_config, indent=2))
+    return path

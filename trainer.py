@@ -291,10 +291,12 @@ def plot_comparison(runs: dict[str, dict], plots_dir: Path) -> tuple[Path, str]:
 # ---------------------------------------------------------------- the loop
 
 def make_optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
-    """AdamW; matrices are decayed, vectors (biases, norms) are not."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    """AdamW. Matrices are decayed; vectors (biases, norms) and embeddings are not: decay would shrink the
+    embedding rows of tokens that never occur in training, and those tokens do occur at test time."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    decay = [p for n, p in named if p.dim() >= 2 and not n.endswith("wte.weight")]
+    groups = [{"params": decay, "weight_decay": weight_decay},
+              {"params": [p for n, p in named if all(p is not q for q in decay)], "weight_decay": 0.0}]
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, betas=(0.9, 0.999), eps=1e-8)
 
 
@@ -346,7 +348,7 @@ def fit(model: nn.Module, train_ds: Dataset, val_ds: Dataset, loss_fn: LossFn, a
     for epoch in range(len(metrics["epochs"]) + 1, args.epochs + 1):
         model.train()
         t0 = time.time()
-        loss_sum, correct, seen = 0.0, 0, 0
+        loss_sum, seen, correct, labelled = 0.0, 0, 0, 0
         bar = tqdm(iterate(train_ds, args.batch_size, shuffle=True, seed=args.seed + epoch), total=steps_per_epoch,
                    desc=f"{run_name} epoch {epoch}/{args.epochs}", leave=False)
         for step, batch in enumerate(bar, start=1):
@@ -363,13 +365,13 @@ def fit(model: nn.Module, train_ds: Dataset, val_ds: Dataset, loss_fn: LossFn, a
                 torch.nn.utils.clip_grad_norm_(trainable.values(), args.grad_clip)
             optimizer.step()
             scheduler.step()
-            n = batch.labels.size(0)
-            loss_sum += loss.item() * n
-            correct += int((logits.argmax(-1) == batch.labels).sum())
-            seen += n
-            bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{correct / seen:.3f}")
+            loss_sum += loss.item() * batch.labels.size(0)
+            seen += batch.labels.size(0)
+            correct += int((logits.argmax(-1) == batch.labels).sum())  # unlabelled rows (-1) never count
+            labelled += int((batch.labels >= 0).sum())
+            bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{correct / max(labelled, 1):.3f}")
         val = evaluate(model, val_ds, args.batch_size, device, desc="dev")
-        record = {"epoch": epoch, "train_loss": loss_sum / seen, "train_acc": correct / seen,
+        record = {"epoch": epoch, "train_loss": loss_sum / seen, "train_acc": correct / max(labelled, 1),
                   "val_loss": val["loss"], "val_acc": val["acc"], "val_mcc": val["mcc"],
                   "val_pos_rate": val["pos_rate"], "val_collapsed": val["collapsed"],
                   "lr": scheduler.get_last_lr()[0]}

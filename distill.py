@@ -1,0 +1,137 @@
+"""Knowledge distillation (Hinton et al., 2015) of the LoRA-tuned GPT-2 into DistilRNN.
+
+The teacher is run once over the transfer set, under no_grad, and its logits are cached on disk, keyed by
+the teacher's files and the data, so distillation epochs cost what from-scratch epochs cost and a changed
+teacher never reuses stale logits.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from data import Batch, Dataset, tokenize
+from lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, build_lora_classifier, read_adapter_config
+from trainer import predict_logits
+
+UNLABELLED = -1  # label of augmented sentences: they carry only the teacher's soft targets
+
+
+def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor, temperature: float,
+            alpha: float) -> torch.Tensor:
+    """alpha * T^2 * KL(softmax(t/T) || softmax(s/T)) + (1 - alpha) * CE(s, labels).
+
+    KL takes the student's log-probabilities and, with log_target, the teacher's; "batchmean" is the true
+    KL per example. T^2 keeps the soft-target gradients on the same scale whatever T (Hinton et al.).
+    The hard term averages over labelled rows only (augmented rows have label UNLABELLED).
+    """
+    T = temperature
+    soft = F.kl_div(F.log_softmax(student_logits / T, dim=-1), F.log_softmax(teacher_logits / T, dim=-1),
+                    reduction="batchmean", log_target=True) * (T * T)
+    labelled = labels != UNLABELLED
+    hard = F.cross_entropy(student_logits[labelled], labels[labelled]) if labelled.any() else soft.new_zeros(())
+    return alpha * soft + (1 - alpha) * hard
+
+
+def make_kd_loss(teacher_logits: torch.Tensor, temperature: float, alpha: float):
+    """The training loss for trainer.fit: looks up each row's cached teacher logits by its dataset index."""
+    def loss_fn(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
+        t = teacher_logits.to(logits.device)[batch.index]
+        return kd_loss(logits, t, batch.labels, temperature, alpha)
+    return loss_fn
+
+
+# ---------------------------------------------------------------- transfer-set augmentation (Tang et al., 2019)
+
+def perturb(words: list[str], rng: random.Random, p_drop: float = 0.1, p_swap: float = 0.1,
+            p_ngram: float = 0.25) -> list[str]:
+    """One perturbed copy of a sentence: with probability p_ngram an n-gram crop (n in 1..5); otherwise
+    each word is dropped with p_drop and neighbours are swapped with p_swap. Never empty."""
+    if len(words) > 1 and rng.random() < p_ngram:
+        n = rng.randint(1, min(5, len(words)))
+        start = rng.randint(0, len(words) - n)
+        return words[start:start + n]
+    out = [w for w in words if rng.random() >= p_drop] or [rng.choice(words)]
+    for i in range(len(out) - 1):
+        if rng.random() < p_swap:
+            out[i], out[i + 1] = out[i + 1], out[i]
+    return out
+
+
+def augment(train: Dataset, copies: int, seed: int) -> Dataset:
+    """train followed by `copies` perturbed copies of each sentence, labelled UNLABELLED: the teacher's
+    soft targets are their only supervision. Copies identical to their source are perturbed again."""
+    if copies == 0:
+        return train
+    rng = random.Random(seed)
+    extra = []
+    for s in train.sentences:
+        words = s.split()
+        for _ in range(copies):
+            for _ in range(10):
+                new = " ".join(perturb(words, rng))
+                if new != s:
+                    break
+            extra.append(new)
+    aug = tokenize("augmented", extra, [UNLABELLED] * len(extra))
+    return Dataset("train+augmented", train.sentences + aug.sentences, train.ids + aug.ids, train.labels + aug.labels)
+
+
+# ---------------------------------------------------------------- the teacher-logit cache
+
+def teacher_fingerprint(teacher_dir: str | Path) -> str:
+    """Identifies the teacher: its adapter weights and config, and its base model (a hub name, or for a
+    local directory the size and modification time of each file in it)."""
+    teacher_dir = Path(teacher_dir)
+    h = hashlib.sha256()
+    for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
+        h.update((teacher_dir / name).read_bytes())
+    base = Path(read_adapter_config(teacher_dir)["gpt_variant"])
+    if base.is_dir():
+        for f in sorted(base.iterdir()):
+            st = f.stat()
+            h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
+    return h.hexdigest()
+
+
+def data_fingerprint(ds: Dataset) -> str:
+    return hashlib.sha256(json.dumps(ds.ids).encode()).hexdigest()
+
+
+def teacher_logits(teacher_dir: str | Path, datasets: dict[str, Dataset], cache_dir: str | Path, batch_size: int,
+                   device: torch.device) -> dict[str, torch.Tensor]:
+    """Teacher logits (N, n_classes) for each dataset: from the cache when the teacher and data match,
+    otherwise one no_grad forward pass per sentence, then written to the cache."""
+    cache_dir = Path(cache_dir)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    teacher_key = teacher_fingerprint(teacher_dir)
+    paths = {name: cache_dir / f"teacher_{hashlib.sha256((teacher_key + data_fingerprint(ds)).encode()).hexdigest()[:24]}.safetensors"
+             for name, ds in datasets.items()}
+    out = {name: load_file(str(p))["logits"] for name, p in paths.items() if p.is_file()}
+    missing = [name for name in datasets if name not in out]
+    if missing:
+        teacher, _ = build_lora_classifier(teacher_dir)
+        teacher.to(device)
+        for name in missing:
+            out[name] = predict_logits(teacher, datasets[name], batch_size, device, desc=f"teacher on {name}")
+            tmp = paths[name].with_name(paths[name].name + ".tmp")
+            save_file({"logits": out[name].contiguous()}, str(tmp))
+            os.replace(tmp, paths[name])
+        del teacher
+    else:
+        print(f"teacher logits from cache {cache_dir}")
+    return out
+
+
+def agreement(student: nn.Module, ds: Dataset, teacher: torch.Tensor, batch_size: int, device: torch.device) -> float:
+    """Fraction of sentences on which the student predicts the teacher's class."""
+    s = predict_logits(student, ds, batch_size, device)
+    return float((s.argmax(-1) == teacher.argmax(-1)).float().mean())

@@ -1,0 +1,140 @@
+"""Train the DistilRNN student on CoLA: from scratch on the labels, or distilled from the LoRA teacher.
+
+    python train_lora.py --gpt_variant gpt2-medium     # the teacher, into runs/lora
+    python train_distil.py --mode rnn                  # baseline student, into runs/rnn
+    python train_distil.py --mode distil               # distilled student, into runs/distil
+
+Writes out_dir/metrics.json, the best epoch's student (student.safetensors + student_config.json), a
+resumable checkpoint, plots_dir/{mode}_{loss,accuracy}.png, and plots_dir/comparison.{png,md} over every
+run found beside out_dir and the teacher.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from data import load_cola
+from distill import agreement, augment, make_kd_loss, teacher_logits
+from errors import UserError
+from lora import parameter_summary, read_adapter_config
+from model import GPT, DistilRNN
+from trainer import (METRICS, add_common_args, dropout_float, fit, nonneg_int, pick_device, plot_comparison,
+                     positive_float, positive_int, prepare_outputs, report_ood, run_cli, run_config, unit_float,
+                     write_json)
+
+STUDENT_WEIGHTS = "student.safetensors"
+STUDENT_CONFIG = "student_config.json"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--mode", choices=("rnn", "distil"), default="distil",
+                   help="rnn: train on the gold labels; distil: learn from the teacher's soft targets too")
+    p.add_argument("--teacher", default="runs/lora", help="a train_lora.py --out_dir")
+    g = p.add_argument_group("distillation")
+    g.add_argument("--temperature", type=positive_float, default=2.0, help="softmax temperature T (> 0)")
+    g.add_argument("--alpha", type=unit_float, default=0.7,
+                   help="weight of the soft (teacher) loss; 1 - alpha goes to the gold labels")
+    g.add_argument("--augment", type=nonneg_int, default=0,
+                   help="perturbed copies of each training sentence, labelled only by the teacher (Tang et al.)")
+    g.add_argument("--cache_dir", default="runs/cache", help="where teacher logits are cached")
+    g = p.add_argument_group("student")
+    g.add_argument("--cell", choices=tuple(DistilRNN.CELLS), default="gru")
+    g.add_argument("--hidden_size", type=positive_int, default=256)
+    g.add_argument("--num_layers", type=positive_int, default=1)
+    g.add_argument("--bidirectional", action=argparse.BooleanOptionalAction, default=True)
+    g.add_argument("--rnn_dropout", type=dropout_float, default=0.3)
+    g.add_argument("--init_embeddings", default="teacher",
+                   help="copy GPT-2's token embedding into the student: 'teacher' (the teacher's base model), a "
+                        "GPT-2 variant or checkpoint directory, or 'none' for random embeddings of --embd_dim")
+    g.add_argument("--embd_dim", type=positive_int, default=768, help="with --init_embeddings none")
+    g.add_argument("--freeze_embeddings", action="store_true", help="keep the student's embedding fixed")
+    add_common_args(p, out_dir="runs/{mode}", epochs=10, lr=2e-3, batch_size=32, weight_decay=0.01, warmup_ratio=0.06)
+    return p
+
+
+def embedding_source(args: argparse.Namespace) -> str | None:
+    """The GPT-2 whose wte initialises the student, or None."""
+    if args.init_embeddings == "none":
+        return None
+    if args.init_embeddings == "teacher":
+        try:
+            return read_adapter_config(args.teacher)["gpt_variant"]
+        except UserError as e:
+            raise UserError(f"--init_embeddings teacher: {e}; or pass --init_embeddings none") from None
+    return args.init_embeddings
+
+
+def train(args: argparse.Namespace) -> dict:
+    args.out_dir = args.out_dir.format(mode=args.mode)
+    if args.mode == "distil":
+        read_adapter_config(args.teacher)  # a missing teacher fails here, before any work
+    prepare_outputs(args)
+    torch.manual_seed(args.seed)
+    device = pick_device(args.device)
+    data = load_cola(args.data_dir, args.max_train_samples, args.max_eval_samples)
+
+    source = embedding_source(args)
+    wte = GPT.from_pretrained(source).transformer.wte.weight.detach() if source else None
+    student = DistilRNN(embd_dim=wte.size(1) if wte is not None else args.embd_dim, hidden_size=args.hidden_size,
+                        num_layers=args.num_layers, cell=args.cell, bidirectional=args.bidirectional,
+                        dropout=args.rnn_dropout)
+    if wte is not None:
+        student.wte.weight.data.copy_(wte)
+    student.wte.weight.requires_grad_(not args.freeze_embeddings)
+    print(f"student: {parameter_summary(student)}")
+    student.to(device)
+
+    train_set = data["train"]
+    if args.mode == "distil":
+        train_set = augment(train_set, args.augment, args.seed)
+        logits = teacher_logits(args.teacher, {"train": train_set, "dev": data["dev"]}, args.cache_dir,
+                                args.batch_size, device)
+        loss_fn = make_kd_loss(logits["train"], args.temperature, args.alpha)
+    else:
+        loss_fn = lambda out, batch: F.cross_entropy(out, batch.labels)  # noqa: E731
+    print(f"train {len(train_set)} sentences, dev {len(data['dev'])}; device {device}")
+
+    out_dir = Path(args.out_dir)
+
+    def save_best() -> None:
+        save_file({k: v.detach().cpu().contiguous() for k, v in student.state_dict().items()},
+                  str(out_dir / STUDENT_WEIGHTS))
+        (out_dir / STUDENT_CONFIG).write_text(json.dumps(student.config, indent=2))
+
+    metrics = fit(student, train_set, data["dev"], loss_fn, args, run_config(args), args.mode, save_best)
+    student.load_state_dict(load_file(str(out_dir / STUDENT_WEIGHTS)))  # the best epoch, not the last
+    report_ood(metrics, student, data["ood_dev"], args.batch_size, device)
+    if args.mode == "distil":
+        metrics["teacher_agreement_dev"] = agreement(student, data["dev"], logits["dev"], args.batch_size, device)
+        print(f"student agrees with the teacher on {metrics['teacher_agreement_dev']:.1%} of dev")
+    write_json(out_dir / METRICS, metrics)
+    compare_runs(args, out_dir)
+    return metrics
+
+
+def compare_runs(args: argparse.Namespace, out_dir: Path) -> None:
+    """comparison.png/.md over every run directory beside out_dir, plus the teacher's."""
+    dirs = {d.resolve() for d in out_dir.parent.iterdir() if (d / METRICS).is_file()}
+    if (Path(args.teacher) / METRICS).is_file():
+        dirs.add(Path(args.teacher).resolve())
+    runs = {d.name: json.loads((d / METRICS).read_text()) for d in sorted(dirs)}
+    runs = {k: v for k, v in runs.items() if v.get("best")}
+    path, table = plot_comparison(runs, Path(args.plots_dir))
+    print(table)
+    print(f"comparison written to {path}")
+
+
+def main() -> None:
+    args = build_parser().parse_args()
+    run_cli(lambda: train(args))
+
+
+if __name__ == "__main__":
+    main()
