@@ -242,9 +242,14 @@ def plot_run(history: list[dict], prefix: str, plots_dir: Path, majority_acc: fl
         for key, name in series:
             ax.plot(epochs, [r[key] for r in history], marker="o", label=name)
         ax.axhline(baseline, color="gray", linestyle="--", label=label)
+        collapsed = [r for r in history if r["val_collapsed"]]
+        if collapsed and kind == "accuracy":  # a one-class student must be visible, not just a flat line
+            ax.scatter([r["epoch"] for r in collapsed], [r["val_acc"] for r in collapsed], marker="x", s=120,
+                       color="red", zorder=3, label="dev predicts one class only")
+        ax.xaxis.get_major_locator().set_params(integer=True)
         ax.set_xlabel("epoch")
         ax.set_ylabel(kind)
-        ax.set_title(f"{prefix}: {kind}")
+        ax.set_title(f"{prefix}: {'accuracy and MCC' if kind == 'accuracy' else 'cross-entropy loss'}")
         ax.grid(alpha=0.3)
         ax.legend()
         fig.tight_layout()
@@ -276,6 +281,11 @@ def plot_comparison(runs: dict[str, dict], plots_dir: Path) -> tuple[Path, str]:
     ax.bar(x - 0.2, [b["val_acc"] for b in best], 0.4, label="dev accuracy")
     ax.bar(x + 0.2, [b["val_mcc"] for b in best], 0.4, label="dev MCC")
     ax.axhline(majority, color="gray", linestyle="--", label=f"majority baseline acc ({majority:.3f})")
+    for xi, b in zip(x.tolist(), best):
+        ax.text(xi - 0.2, b["val_acc"] + 0.01, f"{b['val_acc']:.3f}", ha="center", fontsize=8)
+        ax.text(xi + 0.2, max(b["val_mcc"], 0) + 0.01, f"{b['val_mcc']:.3f}", ha="center", fontsize=8)
+        if b["val_collapsed"]:
+            ax.text(xi, 0.5, "collapsed:\none class", ha="center", color="red", fontsize=9)
     ax.set_xticks(x.tolist(), names)
     ax.set_ylim(min(0.0, min(b["val_mcc"] for b in best)), 1.0)
     ax.set_title("CoLA in-domain dev, best epoch of each run")
@@ -297,7 +307,8 @@ def make_optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.op
     decay = [p for n, p in named if p.dim() >= 2 and not n.endswith("wte.weight")]
     groups = [{"params": decay, "weight_decay": weight_decay},
               {"params": [p for n, p in named if all(p is not q for q in decay)], "weight_decay": 0.0}]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, betas=(0.9, 0.999), eps=1e-8)
+    fused = named[0][1].device.type in ("cpu", "cuda")  # one kernel for all tensors: ~5x faster on a 40M embedding
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, betas=(0.9, 0.999), eps=1e-8, fused=fused)
 
 
 def warmup_linear(total_steps: int, warmup_ratio: float) -> Callable[[int], float]:
