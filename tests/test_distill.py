@@ -185,7 +185,7 @@ def test_distillation_transfers_the_teachers_function(random_teacher, tmp_path, 
     """A student distilled with alpha=1 agrees with the teacher on dev sentences clearly more often than the
     same student trained on the gold labels."""
     import train_distil
-    common = ("--max_train_samples", "3000", "--epochs", "4", "--lr", "3e-3", "--temperature", "2")
+    common = ("--max_train_samples", "1500", "--epochs", "3", "--lr", "3e-3", "--temperature", "2")
     distilled = train_distil.train(distil_args(random_teacher, tmp_path, cola_dir, "--mode", "distil",
                                                "--alpha", "1", *common))
     gold = train_distil.train(distil_args(random_teacher, tmp_path, cola_dir, "--mode", "rnn", *common))
