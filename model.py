@@ -9,7 +9,6 @@ Run it to generate text:  python model.py --gpt_variant gpt2 --prompt "The cat"
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 from dataclasses import dataclass
@@ -149,7 +148,7 @@ class GPT(nn.Module):
         logits = self.lm_head(self.transformer.ln_f(x))  # (B, T, vocab)
         loss = None
         if targets is not None:
-            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
+            loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
         return logits, loss
 
     def classify(self, idx: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
@@ -189,17 +188,7 @@ class GPT(nn.Module):
         directory holding a transformers GPT-2 checkpoint. The `score` head starts random."""
         from transformers import GPT2LMHeadModel  # imported here: only weight loading needs transformers
 
-        path = Path(name_or_path)
-        if path.is_dir():
-            config_file = path / "config.json"
-            if not config_file.is_file():
-                raise UserError(f"{path} holds no config.json: it is not a transformers checkpoint directory")
-            model_type = json.loads(config_file.read_text()).get("model_type")
-            if model_type != "gpt2":
-                raise UserError(f"{path} holds a '{model_type}' checkpoint, not GPT-2 (config.json model_type)")
-        elif name_or_path not in HUB_VARIANTS:
-            raise UserError(f"--gpt_variant '{name_or_path}' is neither a directory nor one of "
-                            f"{', '.join(HUB_VARIANTS)}")
+        check_variant(name_or_path)
         try:
             hf = GPT2LMHeadModel.from_pretrained(name_or_path)
         except OSError as e:
@@ -229,6 +218,20 @@ class GPT(nn.Module):
                 src = sd_hf[k]
                 v.copy_(src.t() if k.endswith(CONV1D_SUFFIXES) else src)
         return model
+
+
+def check_variant(name_or_path: str) -> None:
+    """Refuse, cheaply and before any download, a name that is neither a hub GPT-2 nor a GPT-2 directory."""
+    path = Path(name_or_path)
+    if path.is_dir():
+        config_file = path / "config.json"
+        if not config_file.is_file():
+            raise UserError(f"{path} holds no config.json: it is not a transformers checkpoint directory")
+        model_type = json.loads(config_file.read_text()).get("model_type")
+        if model_type != "gpt2":
+            raise UserError(f"{path} holds a '{model_type}' checkpoint, not GPT-2 (config.json model_type)")
+    elif name_or_path not in HUB_VARIANTS:
+        raise UserError(f"--gpt_variant '{name_or_path}' is neither a directory nor one of {', '.join(HUB_VARIANTS)}")
 
 
 class DistilRNN(nn.Module):
@@ -269,7 +272,9 @@ class DistilRNN(nn.Module):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description="Generate text with GPT-2.")
+    from trainer import ArgumentParser, pick_device, run_cli
+
+    parser = ArgumentParser(description="Generate text with GPT-2.")
     parser.add_argument("--gpt_variant", default="gpt2", help="hub name or local checkpoint directory")
     parser.add_argument("--prompt", default="The meaning of life is")
     parser.add_argument("--max_new_tokens", type=int, default=50)
@@ -280,8 +285,6 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     args = parser.parse_args()
     import tiktoken
-
-    from trainer import pick_device, run_cli
 
     def run() -> None:
         device = pick_device(args.device)

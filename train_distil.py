@@ -24,7 +24,7 @@ from distill import agreement, augment, make_kd_loss, teacher_logits
 from errors import UserError
 from lora import parameter_summary, read_adapter_config
 from model import GPT, DistilRNN
-from trainer import (METRICS, add_common_args, dropout_float, fit, nonneg_int, pick_device, plot_comparison,
+from trainer import (METRICS, ArgumentParser, add_common_args, dropout_float, fit, nonneg_int, pick_device, plot_comparison,
                      positive_float, positive_int, prepare_outputs, report_ood, run_cli, run_config, unit_float,
                      write_json)
 
@@ -33,7 +33,7 @@ STUDENT_CONFIG = "student_config.json"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--mode", choices=("rnn", "distil"), default="distil",
                    help="rnn: train on the gold labels; distil: learn from the teacher's soft targets too")
     p.add_argument("--teacher", default="runs/lora", help="a train_lora.py --out_dir")

@@ -17,13 +17,13 @@ import torch.nn.functional as F
 
 from data import load_cola
 from lora import TARGETS, export_peft, inject_lora, load_adapter, parameter_summary, save_adapter
-from model import GPT
-from trainer import (add_common_args, dropout_float, fit, pick_device, positive_float, positive_int, prepare_outputs,
+from model import GPT, check_variant
+from trainer import (ArgumentParser, add_common_args, dropout_float, fit, pick_device, positive_float, positive_int, prepare_outputs,
                      report_ood, run_cli, run_config, write_json)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("model and LoRA")
     g.add_argument("--gpt_variant", default="gpt2-medium",
                    help="gpt2, gpt2-medium, gpt2-large, gpt2-xl, or a local transformers GPT-2 checkpoint directory")
@@ -40,6 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def train(args: argparse.Namespace) -> dict:
+    check_variant(args.gpt_variant)
     prepare_outputs(args)
     torch.manual_seed(args.seed)
     device = pick_device(args.device)

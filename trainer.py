@@ -41,6 +41,14 @@ def run_cli(main: Callable[[], None]) -> None:
         sys.exit(130)
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with the one-line error style of the rest of the scripts: no usage dump on a bad flag."""
+
+    def error(self, message: str):
+        print(f"error: {message} (see {self.prog} --help)", file=sys.stderr)
+        sys.exit(2)
+
+
 def _checked(kind: type, test: Callable[[float], bool], what: str) -> Callable[[str], float]:
     def parse(s: str):
         try:
