@@ -166,7 +166,7 @@ def collate(ds: Dataset, rows: list[int]) -> Batch:
     return Batch(ids, torch.tensor(lengths), torch.tensor([ds.labels[i] for i in rows]), torch.tensor(rows))
 
 
-def batch_rows(lengths: list[int], batch_size: int, shuffle: bool, seed: int = 0, pool_batches: int = 8) -> list[list[int]]:
+def batch_rows(lengths: list[int], batch_size: int, shuffle: bool, seed: int = 0, pool_batches: int = 32) -> list[list[int]]:
     """Group row indices into batches.
 
     Training (shuffle=True): shuffle, then sort by length within pools of `pool_batches` batches, cut into
