@@ -102,8 +102,13 @@ def read_tsv(path: str | Path) -> tuple[list[str], list[int]]:
 
 
 def get_encoder():
+    """tiktoken's gpt2 encoding; its BPE files are downloaded once, or read from TIKTOKEN_CACHE_DIR."""
     import tiktoken
-    return tiktoken.get_encoding("gpt2")
+    try:
+        return tiktoken.get_encoding("gpt2")
+    except Exception as e:  # tiktoken raises requests' errors, ValueError, ... when its files can't be had
+        raise UserError(f"could not load tiktoken's gpt2 encoding ({type(e).__name__}); it downloads its files "
+                        "once, so run with internet, or set TIKTOKEN_CACHE_DIR to a folder holding them") from None
 
 
 @dataclass
