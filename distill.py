@@ -118,7 +118,8 @@ def teacher_logits(teacher_dir: str | Path, datasets: dict[str, Dataset], cache_
     out = {name: load_file(str(p))["logits"] for name, p in paths.items() if p.is_file()}
     missing = [name for name in datasets if name not in out]
     if missing:
-        teacher, _ = build_lora_classifier(teacher_dir)
+        with torch.random.fork_rng(devices=[]):  # its random inits must not shift the run's RNG: a cache hit
+            teacher, _ = build_lora_classifier(teacher_dir)  # and a miss give the student the same dropout
         teacher.to(device)
         for name in missing:
             out[name] = predict_logits(teacher, datasets[name], batch_size, device, desc=f"teacher on {name}")

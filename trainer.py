@@ -210,10 +210,14 @@ def save_checkpoint(path: Path, tensors: dict[str, torch.Tensor], state: dict) -
 
 
 def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
-    from safetensors import safe_open
-    with safe_open(str(path), framework="pt") as f:
-        state = json.loads(f.metadata()["state"])
-    return load_file(str(path)), state
+    from safetensors import SafetensorError, safe_open
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            state = json.loads((f.metadata() or {})["state"])
+        return load_file(str(path)), state
+    except (SafetensorError, OSError, KeyError, ValueError) as e:
+        raise UserError(f"{path} is not a readable checkpoint ({type(e).__name__}: {e}); delete it, or start "
+                        "afresh without --resume") from None
 
 
 def optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
@@ -376,8 +380,9 @@ def fit(model: nn.Module, train_ds: Dataset, val_ds: Dataset, loss_fn: LossFn, a
                 logits = step_fn(batch.ids, batch.lengths).float()  # (B, n_classes)
             loss = loss_fn(logits, batch)
             if not torch.isfinite(loss):
-                raise UserError(f"loss is {loss.item()} at epoch {epoch} step {step}; stopped. The last good "
-                                f"checkpoint ({ckpt_path}) is kept: try a lower --lr")
+                kept = (f"The last good checkpoint ({ckpt_path}, epoch {len(metrics['epochs'])}) is kept"
+                        if metrics["epochs"] else "No epoch was completed, so no checkpoint was written")
+                raise UserError(f"loss is {loss.item()} at epoch {epoch} step {step}; stopped. {kept}: try a lower --lr")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if args.grad_clip > 0:
