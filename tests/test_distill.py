@@ -145,7 +145,7 @@ def test_perturb_is_deterministic_never_empty_and_augment_labels_copies_unlabell
 # ---------------------------------------------------------------- teachers made here
 
 def make_random_teacher(out_dir: Path, ckpt: Path, cola, seed: int) -> float:
-    """A random GPT with a random head, saved as a train_lora.py output directory. Returns its dev pos rate."""
+    """The GPT-2 in ckpt with a random head, saved as a train_lora.py output directory. Returns its dev pos rate."""
     torch.manual_seed(seed)
     m = GPT.from_pretrained(str(ckpt))
     inject_lora(m, 2, 4.0)
@@ -158,10 +158,33 @@ def make_random_teacher(out_dir: Path, ckpt: Path, cola, seed: int) -> float:
     return float(predict_logits(m, cola["dev"], 128, CPU).argmax(-1).float().mean())
 
 
+def make_bag_of_words_gpt2(path: Path, n_embd: int = 32) -> Path:
+    """A random transformers GPT-2 whose last hidden state is a normalised mean of its tokens' embeddings:
+    uniform causal attention (zero q, k), value and output projections that carry the mean through, no
+    positions, no MLP. A random head on it is a random bag-of-words function: learnable by a small RNN from
+    a few thousand sentences, and unrelated to grammaticality. (A fully random GPT-2 of this size mostly
+    encodes sentence length through wpe, which a small RNN learns too slowly for a test.)"""
+    from transformers import GPT2Config, GPT2LMHeadModel
+    torch.manual_seed(0)
+    hf = GPT2LMHeadModel(GPT2Config(n_layer=2, n_head=2, n_embd=n_embd, n_positions=128))
+    with torch.no_grad():
+        hf.transformer.wpe.weight.zero_()
+        for block in hf.transformer.h:
+            block.attn.c_attn.weight[:, :2 * n_embd] = 0  # Conv1D weight (in, 3C): q and k columns
+            block.attn.c_attn.weight[:, 2 * n_embd:] = 10 * torch.eye(n_embd)
+            block.attn.c_attn.bias.zero_()
+            block.attn.c_proj.weight.copy_(torch.eye(n_embd))
+            block.attn.c_proj.bias.zero_()
+            block.mlp.c_proj.weight.zero_()
+            block.mlp.c_proj.bias.zero_()
+    hf.save_pretrained(path)
+    return path
+
+
 @pytest.fixture(scope="module")
 def random_teacher(tmp_path_factory, cola) -> Path:
     """A teacher whose dev predictions are neither one class nor the gold labels."""
-    ckpt = make_gpt2_checkpoint(tmp_path_factory.mktemp("teacher_base"), n_layer=2, n_head=2, n_embd=32)
+    ckpt = make_bag_of_words_gpt2(tmp_path_factory.mktemp("teacher_base"))
     gold = torch.tensor(cola["dev"].labels).float()
     for seed in range(20):
         out = tmp_path_factory.mktemp(f"teacher{seed}")
