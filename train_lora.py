@@ -27,7 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("model and LoRA")
     g.add_argument("--gpt_variant", default="gpt2-medium",
                    help="gpt2, gpt2-medium, gpt2-large, gpt2-xl, or a local transformers GPT-2 checkpoint directory")
-    g.add_argument("--lora_rank", type=int, default=8, help="r: rank of the update B A (1 <= r <= layer width)")
+    g.add_argument("--lora_rank", type=positive_int, default=8, help="r: rank of the update B A (1 <= r <= layer width)")
     g.add_argument("--lora_alpha", type=positive_float, default=16.0, help="the update is scaled by alpha / r")
     g.add_argument("--lora_dropout", type=dropout_float, default=0.1, help="dropout on the LoRA branch's input")
     g.add_argument("--lora_targets", default=",".join(TARGETS), help=f"comma-separated subset of {','.join(TARGETS)}")
