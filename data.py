@@ -7,6 +7,7 @@ length-bucketed: CoLA sentences average about 9 tokens, so fixed padding would m
 from __future__ import annotations
 
 import hashlib
+import json
 import random
 import shutil
 import urllib.request
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
+import numpy as np
 import torch
 
 from errors import UserError
@@ -23,6 +25,7 @@ COLA_URL = "https://nyu-mll.github.io/CoLA/cola_public_1.1.zip"
 COLA_SHA256 = "2cf856f46df11c143d38e0cf2f9f34ff2fdb088c521cd859f5c4b9581683278b"
 SPLITS = {"train": "in_domain_train.tsv", "dev": "in_domain_dev.tsv", "ood_dev": "out_of_domain_dev.tsv"}
 PAD_TOKEN = 50256  # GPT-2's <|endoftext|>; it is never attended to by a real token (right padding, causal)
+SAMPLE_SEED = 0  # --max_*_samples draws the same rows whatever --seed: seeds of one config share their dev set
 
 
 def sha256_of(path: Path) -> str:
@@ -113,12 +116,18 @@ def get_encoder():
 
 @dataclass
 class Dataset:
-    """A tokenized split. `ids` are Python lists (no padding), `labels` 0/1."""
+    """A tokenized split. `ids` are Python lists (no padding), `labels` 0/1, `rows` each sentence's row in
+    the file (0-based; all rows in order unless --max_*_samples sampled some)."""
 
     name: str
     sentences: list[str]
     ids: list[list[int]]
     labels: list[int]
+    rows: list[int] | None = None
+
+    def __post_init__(self):
+        if self.rows is None:
+            self.rows = list(range(len(self.labels)))
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -130,14 +139,37 @@ class Dataset:
         return max(pos, 1 - pos)
 
 
+def stratified_sample(labels: list[int], n: int, seed: int = SAMPLE_SEED) -> list[int]:
+    """n row indices drawn without replacement, each label getting its share of n (largest remainder), so the
+    label rate is within 1/n of the full set's; sorted, so the sample keeps the file's order. CoLA's files are
+    grouped by source, so their first n rows are neither a random nor a label-balanced sample."""
+    if n >= len(labels):
+        return list(range(len(labels)))
+    classes = sorted(set(labels))
+    by_class = {c: [i for i, y in enumerate(labels) if y == c] for c in classes}
+    exact = {c: n * len(by_class[c]) / len(labels) for c in classes}
+    quota = {c: int(exact[c]) for c in classes}
+    for c in sorted(classes, key=lambda c: quota[c] - exact[c])[:n - sum(quota.values())]:
+        quota[c] += 1
+    rng = random.Random(seed)
+    return sorted(i for c in classes for i in rng.sample(by_class[c], quota[c]))
+
+
 def tokenize(name: str, sentences: list[str], labels: list[int], max_samples: int | None = None) -> Dataset:
-    if max_samples is not None:
-        sentences, labels = sentences[:max_samples], labels[:max_samples]
-    if not sentences:
+    """Tokenize a split; with max_samples, a stratified sample of its rows (stratified_sample)."""
+    rows = stratified_sample(labels, max_samples) if max_samples is not None else list(range(len(labels)))
+    if not rows:
         raise UserError(f"the {name} set is empty" + (f" after --max_*_samples {max_samples}" if max_samples is not None else ""))
+    sentences, labels = [sentences[i] for i in rows], [labels[i] for i in rows]
     enc = get_encoder()
     ids = enc.encode_ordinary_batch(sentences)
-    return Dataset(name, sentences, ids, labels)
+    return Dataset(name, sentences, ids, labels, rows)
+
+
+def sample_record(data: dict[str, Dataset]) -> dict:
+    """What metrics.json records of the rows each split used: their number and a SHA-256 of their indices."""
+    return {"sample_seed": SAMPLE_SEED, **{name: {"rows": len(ds), "rows_sha256": hashlib.sha256(
+        json.dumps(ds.rows).encode()).hexdigest()} for name, ds in data.items()}}
 
 
 def load_cola(data_dir: str | Path, max_train_samples: int | None = None,
@@ -193,8 +225,14 @@ def batch_rows(lengths: list[int], batch_size: int, shuffle: bool, seed: int = 0
     return batches
 
 
+def epoch_seed(seed: int, epoch: int) -> int:
+    """The shuffling seed of one epoch of a run. Not seed + epoch: then seeds s and s + 1 would share their
+    epoch orders, shifted by one epoch. SeedSequence mixes (seed, epoch) into unrelated streams."""
+    return int(np.random.SeedSequence([seed % 2**32, epoch]).generate_state(1)[0])
+
+
 def iterate(ds: Dataset, batch_size: int, shuffle: bool, seed: int = 0) -> Iterator[Batch]:
-    """Batches of ds; with shuffle, `seed` fixes the order (pass seed + epoch for a new order each epoch)."""
+    """Batches of ds; with shuffle, `seed` fixes the order (pass epoch_seed(seed, epoch) for each epoch)."""
     for rows in batch_rows([len(x) for x in ds.ids], batch_size, shuffle, seed):
         yield collate(ds, rows)
 

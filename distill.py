@@ -1,7 +1,7 @@
 """Knowledge distillation (Hinton et al., 2015) of the LoRA-tuned GPT-2 into DistilRNN.
 
 The teacher is run once over the transfer set, under no_grad, and its logits are cached on disk, keyed by
-the teacher's files and the data, so distillation epochs cost what from-scratch epochs cost and a changed
+the teacher's files, the data, the device type and the precision, so distillation epochs cost what from-scratch epochs cost and a changed
 teacher never reuses stale logits.
 """
 
@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 
 from data import Batch, Dataset, tokenize
 from lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, build_lora_classifier, read_adapter_config
-from trainer import predict_logits
+from trainer import autocast, predict_logits
 
 UNLABELLED = -1  # label of augmented sentences: they carry only the teacher's soft targets
 
@@ -106,6 +106,20 @@ def data_fingerprint(ds: Dataset) -> str:
     return hashlib.sha256(json.dumps(ds.ids).encode()).hexdigest()
 
 
+def precision(device: torch.device) -> str:
+    """The dtype the teacher computes in under trainer.autocast on this device (bf16 on CUDA, else float32)."""
+    with autocast(device):
+        enabled = torch.is_autocast_enabled(device.type)
+        return str(torch.get_autocast_dtype(device.type) if enabled else torch.float32)
+
+
+def cache_key(teacher_key: str, ds: Dataset, device: torch.device) -> str:
+    """The cache entry of one dataset's teacher logits: bf16 CUDA and float32 CPU logits differ, so they
+    never share one."""
+    parts = (teacher_key, data_fingerprint(ds), device.type, precision(device))
+    return hashlib.sha256(":".join(parts).encode()).hexdigest()[:24]
+
+
 def teacher_logits(teacher_dir: str | Path, datasets: dict[str, Dataset], cache_dir: str | Path, batch_size: int,
                    device: torch.device) -> dict[str, torch.Tensor]:
     """Teacher logits (N, n_classes) for each dataset: from the cache when the teacher and data match,
@@ -113,8 +127,7 @@ def teacher_logits(teacher_dir: str | Path, datasets: dict[str, Dataset], cache_
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
     teacher_key = teacher_fingerprint(teacher_dir)
-    paths = {name: cache_dir / f"teacher_{hashlib.sha256((teacher_key + data_fingerprint(ds)).encode()).hexdigest()[:24]}.safetensors"
-             for name, ds in datasets.items()}
+    paths = {name: cache_dir / f"teacher_{cache_key(teacher_key, ds, device)}.safetensors" for name, ds in datasets.items()}
     out = {name: load_file(str(p))["logits"] for name, p in paths.items() if p.is_file()}
     missing = [name for name in datasets if name not in out]
     if missing:

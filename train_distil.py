@@ -4,9 +4,9 @@
     python train_distil.py --mode rnn                  # baseline student, into runs/rnn
     python train_distil.py --mode distil               # distilled student, into runs/distil
 
-Writes out_dir/metrics.json, the best epoch's student (student.safetensors + student_config.json), a
-resumable checkpoint, plots_dir/{mode}_{loss,accuracy}.png, and plots_dir/comparison.{png,md} over every
-run found beside out_dir and the teacher.
+Writes out_dir/metrics.json, the best epoch's student (student.safetensors + student_config.json) and
+predictions (predictions.json), a resumable checkpoint, plots_dir/{mode}_{loss,accuracy}.png, and
+plots_dir/comparison.{png,md} of this run and its teacher (report.py compares more runs).
 """
 
 from __future__ import annotations
@@ -19,14 +19,15 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from data import load_cola
-from distill import agreement, augment, make_kd_loss, teacher_logits
+import report
+from data import load_cola, sample_record
+from distill import agreement, augment, make_kd_loss, teacher_fingerprint, teacher_logits
 from errors import UserError
 from lora import parameter_summary, read_adapter_config
 from model import GPT, DistilRNN
-from trainer import (METRICS, ArgumentParser, add_common_args, dropout_float, fit, nonneg_int, pick_device, plot_comparison,
-                     positive_float, positive_int, prepare_outputs, report_ood, run_cli, run_config, unit_float,
-                     write_json)
+from trainer import (CHECKPOINT, METRICS, ArgumentParser, add_common_args, dropout_float, fit, load_checkpoint, nonneg_int,
+                     pick_device, positive_float, positive_int, prepare_outputs, report_ood, run_cli, run_config,
+                     unit_float, write_json)
 
 STUDENT_WEIGHTS = "student.safetensors"
 STUDENT_CONFIG = "student_config.json"
@@ -76,6 +77,11 @@ def train(args: argparse.Namespace) -> dict:
     if args.mode == "distil":
         read_adapter_config(args.teacher)  # a missing teacher fails here, before any work
     prepare_outputs(args)
+    config = run_config(args)
+    if args.mode == "distil":
+        config["teacher_fingerprint"] = teacher_fingerprint(args.teacher)
+        if args.resume:
+            check_teacher_unchanged(args, config["teacher_fingerprint"])
     torch.manual_seed(args.seed)
     device = pick_device(args.device)
     data = load_cola(args.data_dir, args.max_train_samples, args.max_eval_samples)
@@ -108,9 +114,10 @@ def train(args: argparse.Namespace) -> dict:
                   str(out_dir / STUDENT_WEIGHTS))
         (out_dir / STUDENT_CONFIG).write_text(json.dumps(student.config, indent=2))
 
-    metrics = fit(student, train_set, data["dev"], loss_fn, args, run_config(args), args.mode, save_best)
+    config["data"] = sample_record(data)
+    metrics = fit(student, train_set, data["dev"], loss_fn, args, config, args.mode, save_best)
     student.load_state_dict(load_file(str(out_dir / STUDENT_WEIGHTS)))  # the best epoch, not the last
-    report_ood(metrics, student, data["ood_dev"], args.batch_size, device)
+    report_ood(metrics, student, data["ood_dev"], args.batch_size, device, out_dir)
     if args.mode == "distil":
         metrics["teacher_agreement_dev"] = agreement(student, data["dev"], logits["dev"], args.batch_size, device)
         print(f"student agrees with the teacher on {metrics['teacher_agreement_dev']:.1%} of dev")
@@ -119,16 +126,29 @@ def train(args: argparse.Namespace) -> dict:
     return metrics
 
 
+def check_teacher_unchanged(args: argparse.Namespace, fingerprint: str) -> None:
+    """--resume refuses a teacher changed since the checkpoint: its soft targets would change mid-run."""
+    ckpt = Path(args.out_dir) / CHECKPOINT
+    _, state = load_checkpoint(ckpt)
+    if state["config"].get("teacher_fingerprint") != fingerprint:
+        raise UserError(f"--resume: {ckpt} was trained with another teacher than the one now in --teacher "
+                        f"{args.teacher} (retrained since?); start afresh without --resume")
+
+
 def compare_runs(args: argparse.Namespace, out_dir: Path) -> None:
-    """comparison.png/.md over every run directory beside out_dir, plus the teacher's."""
-    dirs = {d.resolve() for d in out_dir.parent.iterdir() if (d / METRICS).is_file()}
-    if (Path(args.teacher) / METRICS).is_file():
-        dirs.add(Path(args.teacher).resolve())
-    runs = {d.name: json.loads((d / METRICS).read_text()) for d in sorted(dirs)}
-    runs = {k: v for k, v in runs.items() if v.get("best")}
-    path, table = plot_comparison(runs, Path(args.plots_dir))
+    """report.py's comparison of this run and its teacher (when the run used it and it saved predictions), and
+    nothing else: runs that merely lie beside out_dir may have been made with other data or another teacher."""
+    dirs = [out_dir]
+    if args.mode == "distil" or args.init_embeddings == "teacher":
+        try:
+            report.load_run(args.teacher)
+            dirs.insert(0, Path(args.teacher))
+        except UserError as e:
+            print(f"not comparing with the teacher: {e}")
+    table, _ = report.compare(dirs, args.plots_dir)
     print(table)
-    print(f"comparison written to {path}")
+    print(f"comparison written to {Path(args.plots_dir) / 'comparison.md'} and comparison.png; to compare with "
+          f"other runs (the other student, more seeds): python report.py {' '.join(map(str, dirs))} OTHER_RUN_DIRS")
 
 
 def main() -> None:

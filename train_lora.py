@@ -3,8 +3,9 @@
     python train_lora.py --gpt_variant gpt2-medium
     python train_lora.py --gpt_variant path/to/local/checkpoint --max_train_samples 500 --epochs 2
 
-Writes out_dir/metrics.json, the best epoch's adapter (out_dir/adapter.safetensors + adapter_config.json),
-a resumable checkpoint, and plots_dir/lora_{loss,accuracy}.png.
+Writes out_dir/metrics.json, the best epoch's adapter (out_dir/adapter.safetensors + adapter_config.json)
+and dev/out-of-domain predictions (predictions.json), a resumable checkpoint, and
+plots_dir/lora_{loss,accuracy}.png.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from data import load_cola
+from data import load_cola, sample_record
 from lora import TARGETS, export_peft, inject_lora, load_adapter, parameter_summary, save_adapter
 from model import GPT, check_variant
 from trainer import (ArgumentParser, add_common_args, dropout_float, fit, pick_device, positive_float, positive_int, prepare_outputs,
@@ -60,10 +61,10 @@ def train(args: argparse.Namespace) -> dict:
     print(f"train {len(data['train'])} sentences, dev {len(data['dev'])}, out-of-domain dev {len(data['ood_dev'])}; "
           f"device {device}")
     metrics = fit(model, data["train"], data["dev"], lambda logits, batch: F.cross_entropy(logits, batch.labels),
-                  args, run_config(args), "lora", lambda: save_adapter(model, args.out_dir, adapter_config))
+                  args, {**run_config(args), "data": sample_record(data)}, "lora", lambda: save_adapter(model, args.out_dir, adapter_config))
 
     load_adapter(model, args.out_dir)  # the best epoch, not the last
-    report_ood(metrics, model, data["ood_dev"], args.batch_size, device)
+    report_ood(metrics, model, data["ood_dev"], args.batch_size, device, Path(args.out_dir))
     write_json(Path(args.out_dir) / "metrics.json", metrics)
     if args.export_peft:
         export_peft(model, adapter_config, args.export_peft)

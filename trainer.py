@@ -1,5 +1,5 @@
 """What train_lora.py and train_distil.py share: flags, the training loop, metrics, resumable checkpoints
-and plots. Both models expose `classify(ids, lengths) -> logits (B, n_classes)`, which is all the loop needs.
+and saved predictions (report.py draws the plots). Both models expose `classify(ids, lengths) -> logits (B, n_classes)`, which is all the loop needs.
 """
 
 from __future__ import annotations
@@ -19,11 +19,12 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from data import Batch, Dataset, iterate, num_batches
+from data import Batch, Dataset, epoch_seed, iterate, num_batches
 from errors import UserError
 
 CHECKPOINT = "checkpoint.safetensors"
 METRICS = "metrics.json"
+PREDICTIONS = "predictions.json"
 LossFn = Callable[[torch.Tensor, Batch], torch.Tensor]
 
 
@@ -88,8 +89,8 @@ def add_common_args(p: argparse.ArgumentParser, *, out_dir: str, epochs: int, lr
     g.add_argument("--out_dir", default=out_dir)
     g.add_argument("--plots_dir", default="plots")
     g.add_argument("--resume", action="store_true", help="continue from the last completed epoch in --out_dir")
-    g.add_argument("--max_train_samples", type=nonneg_int, default=None, help="use the first N training rows")
-    g.add_argument("--max_eval_samples", type=nonneg_int, default=None, help="use the first N rows of each dev set")
+    g.add_argument("--max_train_samples", type=nonneg_int, default=None, help="use N training rows, a stratified sample (data.stratified_sample)")
+    g.add_argument("--max_eval_samples", type=nonneg_int, default=None, help="use N rows of each dev set, a stratified sample")
 
 
 def pick_device(name: str) -> torch.device:
@@ -186,10 +187,12 @@ def predict_logits(model: nn.Module, ds: Dataset, batch_size: int, device: torch
 
 
 def evaluate(model: nn.Module, ds: Dataset, batch_size: int, device: torch.device, desc: str | None = None) -> dict:
-    """Loss (cross-entropy against the gold labels), accuracy, MCC and the rate of predicted 1s."""
+    """Loss (cross-entropy against the gold labels), accuracy, MCC, the rate of predicted 1s, and `probs`:
+    each sentence's P(label 1), (N,) float64, for save_predictions."""
     logits = predict_logits(model, ds, batch_size, device, desc)
     labels = torch.tensor(ds.labels)
-    return {"loss": F.cross_entropy(logits, labels).item(), **summarize(logits.argmax(-1), labels)}
+    return {"loss": F.cross_entropy(logits, labels).item(), **summarize(logits.argmax(-1), labels),
+            "probs": logits.double().softmax(-1)[:, 1]}
 
 
 def prior_loss(ds: Dataset) -> float:
@@ -235,81 +238,6 @@ def load_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor],
     opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
 
 
-# ---------------------------------------------------------------- plots
-
-def plot_run(history: list[dict], prefix: str, plots_dir: Path, majority_acc: float, prior: float) -> list[Path]:
-    """{prefix}_loss.png and {prefix}_accuracy.png: train and dev curves, with the majority baseline."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    epochs = [r["epoch"] for r in history]
-    paths = []
-    for kind, series, baseline, label in [
-        ("loss", [("train_loss", "train"), ("val_loss", "dev")], prior, "majority baseline (class prior)"),
-        ("accuracy", [("train_acc", "train acc"), ("val_acc", "dev acc"), ("val_mcc", "dev MCC")],
-         majority_acc, f"majority baseline acc ({majority_acc:.3f})"),
-    ]:
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for key, name in series:
-            ax.plot(epochs, [r[key] for r in history], marker="o", label=name)
-        ax.axhline(baseline, color="gray", linestyle="--", label=label)
-        collapsed = [r for r in history if r["val_collapsed"]]
-        if collapsed and kind == "accuracy":  # a one-class student must be visible, not just a flat line
-            ax.scatter([r["epoch"] for r in collapsed], [r["val_acc"] for r in collapsed], marker="x", s=120,
-                       color="red", zorder=3, label="dev predicts one class only")
-        ax.xaxis.get_major_locator().set_params(integer=True)
-        ax.set_xlabel("epoch")
-        ax.set_ylabel(kind)
-        ax.set_title(f"{prefix}: {'accuracy and MCC' if kind == 'accuracy' else 'cross-entropy loss'}")
-        ax.grid(alpha=0.3)
-        ax.legend()
-        fig.tight_layout()
-        path = plots_dir / f"{prefix}_{kind}.png"
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
-        paths.append(path)
-    return paths
-
-
-def plot_comparison(runs: dict[str, dict], plots_dir: Path) -> tuple[Path, str]:
-    """comparison.png and a markdown table: best-epoch dev accuracy and MCC of each run, beside the baseline."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    names = list(runs)
-    best = [runs[n]["best"] for n in names]
-    majority = runs[names[0]]["majority_baseline"]["val_acc"]
-    rows = ["| run | dev acc | dev MCC | collapsed | OOD dev acc | OOD dev MCC |", "|---|---|---|---|---|---|",
-            f"| majority baseline | {majority:.4f} | 0.0000 | yes | | |"]
-    for n, b in zip(names, best):
-        ood = runs[n].get("ood_dev") or {}
-        ood_cells = f"{ood['acc']:.4f} | {ood['mcc']:.4f}" if ood else " | "
-        rows.append(f"| {n} | {b['val_acc']:.4f} | {b['val_mcc']:.4f} | {'yes' if b['val_collapsed'] else 'no'} | {ood_cells} |")
-    table = "\n".join(rows)
-    fig, ax = plt.subplots(figsize=(1.8 * len(names) + 2, 4))
-    x = torch.arange(len(names)).float()
-    ax.bar(x - 0.2, [b["val_acc"] for b in best], 0.4, label="dev accuracy")
-    ax.bar(x + 0.2, [b["val_mcc"] for b in best], 0.4, label="dev MCC")
-    ax.axhline(majority, color="gray", linestyle="--", label=f"majority baseline acc ({majority:.3f})")
-    for xi, b in zip(x.tolist(), best):
-        ax.text(xi - 0.2, b["val_acc"] + 0.01, f"{b['val_acc']:.3f}", ha="center", fontsize=8)
-        ax.text(xi + 0.2, max(b["val_mcc"], 0) + 0.01, f"{b['val_mcc']:.3f}", ha="center", fontsize=8)
-        if b["val_collapsed"]:
-            ax.text(xi, 0.5, "collapsed:\none class", ha="center", color="red", fontsize=9)
-    ax.set_xticks(x.tolist(), names)
-    ax.set_ylim(min(0.0, min(b["val_mcc"] for b in best)), 1.0)
-    ax.set_title("CoLA in-domain dev, best epoch of each run")
-    ax.legend(loc="upper left", fontsize=8)
-    fig.tight_layout()
-    path = plots_dir / "comparison.png"
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    (plots_dir / "comparison.md").write_text(table + "\n")
-    return path, table
-
-
 # ---------------------------------------------------------------- the loop
 
 def make_optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
@@ -338,9 +266,11 @@ def fit(model: nn.Module, train_ds: Dataset, val_ds: Dataset, loss_fn: LossFn, a
         config: dict, run_name: str, save_best: Callable[[], None]) -> dict:
     """Train for args.epochs, evaluating on val_ds after each epoch.
 
-    After every epoch: metrics.json, the plots, save_best() if dev MCC improved, and a resumable checkpoint
-    (trainable weights, optimizer, scheduler, RNG). Returns the metrics dict.
+    After every epoch: metrics.json, the curves (report.plot_curves), save_best() and the dev predictions if
+    dev MCC improved, and a resumable checkpoint (trainable weights, optimizer, scheduler, RNG). Returns the
+    metrics dict.
     """
+    from report import plot_curves  # here, not at the top: report.py imports this module
     device = next(model.parameters()).device
     out_dir, plots_dir = Path(args.out_dir), Path(args.plots_dir)
     trainable = {k: p for k, p in model.named_parameters() if p.requires_grad}
@@ -372,7 +302,7 @@ def fit(model: nn.Module, train_ds: Dataset, val_ds: Dataset, loss_fn: LossFn, a
         model.train()
         t0 = time.time()
         loss_sum, seen, correct, labelled = 0.0, 0, 0, 0
-        bar = tqdm(iterate(train_ds, args.batch_size, shuffle=True, seed=args.seed + epoch), total=steps_per_epoch,
+        bar = tqdm(iterate(train_ds, args.batch_size, shuffle=True, seed=epoch_seed(args.seed, epoch)), total=steps_per_epoch,
                    desc=f"{run_name} epoch {epoch}/{args.epochs}", leave=False)
         for step, batch in enumerate(bar, start=1):
             batch = batch.to(device)
@@ -405,8 +335,9 @@ def fit(model: nn.Module, train_ds: Dataset, val_ds: Dataset, loss_fn: LossFn, a
         if metrics["best"] is None or record["val_mcc"] > metrics["best"]["val_mcc"]:
             metrics["best_epoch"], metrics["best"] = epoch, record
             save_best()
+            save_predictions(out_dir, "dev", val_ds, val["probs"], epoch)
         write_json(out_dir / METRICS, metrics)
-        plot_run(metrics["epochs"], run_name, plots_dir, val_ds.majority_acc, prior_loss(val_ds))
+        plot_curves(metrics, run_name, plots_dir)
         tensors = {f"model.{k}": p for k, p in trainable.items()}
         opt_tensors, opt_meta = optimizer_tensors(optimizer)
         tensors.update(opt_tensors)
@@ -424,9 +355,21 @@ def write_json(path: Path, obj: dict) -> None:
     os.replace(tmp, path)
 
 
-def report_ood(metrics: dict, model: nn.Module, ood_ds: Dataset, batch_size: int, device: torch.device) -> None:
+def save_predictions(out_dir: Path, split: str, ds: Dataset, probs: torch.Tensor, epoch: int) -> None:
+    """out_dir/predictions.json[split]: the best epoch's predicted P(label 1) of each sentence (float64, so
+    P > 0.5 is exactly the argmax), with its file row and gold label; report.py bootstraps from it. The dev
+    split starts the file afresh (a new best epoch); the out-of-domain split is added to it."""
+    path = out_dir / PREDICTIONS
+    saved = json.loads(path.read_text()) if split != "dev" and path.is_file() else {}
+    saved[split] = {"epoch": epoch, "rows": ds.rows, "labels": ds.labels, "p1": probs.tolist()}
+    write_json(path, saved)
+
+
+def report_ood(metrics: dict, model: nn.Module, ood_ds: Dataset, batch_size: int, device: torch.device,
+               out_dir: Path) -> None:
     """Score the best checkpoint on out-of-domain dev: reported, never used to choose an epoch."""
     stats = evaluate(model, ood_ds, batch_size, device, desc="ood dev")
+    save_predictions(Path(out_dir), "ood_dev", ood_ds, stats.pop("probs"), metrics["best_epoch"])
     metrics["ood_dev"] = {**stats, "majority_acc": ood_ds.majority_acc}
     print(f"best epoch {metrics['best_epoch']}: dev {describe({k[4:]: v for k, v in metrics['best'].items() if k.startswith('val_')}, metrics['majority_baseline']['val_acc'])}")
     print(f"out-of-domain dev: {describe(stats, ood_ds.majority_acc)}")
