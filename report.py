@@ -318,7 +318,8 @@ def plot_report(report: list[dict], path: Path) -> Path:
     collapsed groups are red. The height grows with the number of groups, so many runs stay readable."""
     plt = _pyplot()
     rows = [r for t in report for r in t["rows"]]
-    fig, (acc_ax, mcc_ax) = plt.subplots(1, 2, figsize=(12, 1.5 + 0.45 * len(rows)), sharey=True)
+    height = 2.2 + 0.45 * len(rows)
+    fig, (acc_ax, mcc_ax) = plt.subplots(1, 2, figsize=(12, height), sharey=True)
     y = np.arange(len(rows))[::-1]
     for yi, r in zip(y, rows):
         color = "red" if r["collapsed"] else "C0"
@@ -343,11 +344,13 @@ def plot_report(report: list[dict], path: Path) -> Path:
     mcc_lo = min([0.0] + [r["mcc_ci"][0] for r in rows] + [v for r in rows for v in r["seed_mcc"]])
     mcc_hi = max([0.0] + [r["mcc_ci"][1] for r in rows] + [v for r in rows for v in r["seed_mcc"]])
     mcc_ax.set_xlim(mcc_lo - 0.05, mcc_hi + 0.05)
+    handles = [h for ax in (acc_ax, mcc_ax) for h in ax.get_legend_handles_labels()[0]]
+    fig.legend(handles, [h.get_label() for h in handles], loc="lower center", ncol=3, fontsize=8, frameon=False)
     for ax in (acc_ax, mcc_ax):
         ax.grid(axis="x", alpha=0.3)
-        ax.legend(fontsize=8, loc="lower right")
+        ax.margins(y=0.5 / max(len(rows), 1))
     fig.suptitle("CoLA in-domain dev, best epoch of each run")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.75 / height, 1, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path

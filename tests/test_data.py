@@ -60,11 +60,12 @@ def test_load_cola_sizes_and_labels(cola, cola_dir):
     assert cola["dev"].labels[0] == int(first[1])
 
 
-def test_max_samples_keeps_the_first_rows(cola_dir, cola):
+def test_max_samples_keeps_sampled_rows_in_file_order(cola_dir, cola):
     small = load_cola(cola_dir, max_train_samples=20, max_eval_samples=7)
     assert (len(small["train"]), len(small["dev"]), len(small["ood_dev"])) == (20, 7, 7)
-    assert small["train"].sentences == cola["train"].sentences[:20]
-    assert small["dev"].labels == cola["dev"].labels[:7]
+    assert small["train"].rows == sorted(small["train"].rows) and len(set(small["train"].rows)) == 20
+    assert small["train"].sentences == [cola["train"].sentences[i] for i in small["train"].rows]
+    assert small["dev"].labels == [cola["dev"].labels[i] for i in small["dev"].rows]
 
 
 def test_max_samples_zero_is_a_user_error(cola_dir):

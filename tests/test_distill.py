@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import ROOT, make_gpt2_checkpoint
-from data import collate
+from data import collate, stratified_sample
 from distill import UNLABELLED, augment, kd_loss, perturb, teacher_logits
 from lora import inject_lora, save_adapter
 from model import GPT, DistilRNN
@@ -277,6 +278,8 @@ def lora_teacher(tmp_path_factory, tiny_gpt2, cola_dir) -> Path:
 @pytest.mark.parametrize("mode,extra", [("rnn", ()), ("distil", ("--augment", "1"))])
 def test_train_distil_end_to_end(lora_teacher, cola_dir, cola, mode, extra):
     runs = lora_teacher.parent
+    if not (runs / "stranger").exists():  # a run beside out_dir that is neither this run nor its teacher
+        shutil.copytree(lora_teacher, runs / "stranger")
     r = run("train_distil.py", "--mode", mode, "--teacher", str(lora_teacher), "--data_dir", str(cola_dir),
             "--max_train_samples", "200", "--max_eval_samples", "80", "--epochs", "2", "--hidden_size", "32",
             "--out_dir", str(runs / mode), "--plots_dir", str(runs / "plots"), "--cache_dir", str(runs / "cache"),
@@ -287,7 +290,8 @@ def test_train_distil_end_to_end(lora_teacher, cola_dir, cola, mode, extra):
     for key in ("train_loss", "train_acc", "val_loss", "val_acc", "val_mcc"):
         assert all(math.isfinite(e[key]) for e in m["epochs"]), key
     assert m["best_epoch"] in (1, 2) and m["config"]["mode"] == mode and "ood_dev" in m
-    pos = sum(cola["dev"].labels[:80]) / 80
+    labels = [cola["dev"].labels[i] for i in stratified_sample(cola["dev"].labels, 80)]
+    pos = sum(labels) / 80
     assert m["majority_baseline"]["val_acc"] == pytest.approx(max(pos, 1 - pos))
     cfg = json.loads((runs / mode / "student_config.json").read_text())
     assert cfg["embd_dim"] == 32  # --init_embeddings teacher: the tiny teacher's wte width
@@ -296,6 +300,7 @@ def test_train_distil_end_to_end(lora_teacher, cola_dir, cola, mode, extra):
         assert (runs / "plots" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     table = (runs / "plots" / "comparison.md").read_text()
     assert "| lora |" in table and f"| {mode} |" in table and "majority baseline" in table
+    assert "stranger" not in table and ("| rnn |" not in table if mode == "distil" else "| distil |" not in table)
 
 
 def test_distil_without_teacher_is_one_clear_line(tmp_path, cola_dir):
