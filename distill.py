@@ -1,8 +1,8 @@
 """Knowledge distillation (Hinton et al., 2015) of the LoRA-tuned GPT-2 into DistilRNN.
 
 The teacher is run once over the transfer set, under no_grad, and its logits are cached on disk, keyed by
-the teacher's files, the data, the device type and the precision, so distillation epochs cost what from-scratch epochs cost and a changed
-teacher never reuses stale logits.
+the teacher's files, the data, the device type and the precision, so distillation epochs cost what
+from-scratch epochs cost and a changed teacher never reuses stale logits.
 """
 
 from __future__ import annotations

@@ -66,7 +66,8 @@ def curve_figures(metrics: dict, prefix: str) -> dict[str, object]:
     ce.set_ylabel("cross-entropy")
 
     acc_fig, (acc, mcc) = plt.subplots(1, 2, figsize=(11, 4))
-    acc.axhline(majority, color="gray", linestyle="--", linewidth=1, zorder=1, label=f"majority baseline ({majority:.3f})")
+    acc.axhline(majority, color="gray", linestyle="--", linewidth=1, zorder=1,
+                label=f"majority baseline ({majority:.3f})")
     acc.plot(epochs, [r["train_acc"] for r in hist], marker="o", label="train", zorder=3)
     acc.plot(epochs, [r["val_acc"] for r in hist], marker="o", color="C1", label="dev", zorder=3)
     acc.set_title(f"{prefix}: accuracy")
@@ -139,7 +140,8 @@ def load_run(path: str | Path) -> Run:
     dev = preds.get("dev", {})
     acc, mcc = scores(np.array(dev.get("p1", [])) > 0.5, np.array(dev.get("labels", [])) == 1)
     best = metrics["best"]
-    if dev.get("epoch") != metrics["best_epoch"] or abs(acc - best["val_acc"]) > 1e-6 or abs(mcc - best["val_mcc"]) > 1e-6:
+    if (dev.get("epoch") != metrics["best_epoch"] or abs(acc - best["val_acc"]) > 1e-6
+            or abs(mcc - best["val_mcc"]) > 1e-6):
         raise UserError(f"{path / PREDICTIONS} does not match {path / METRICS} (best epoch {metrics['best_epoch']}, "
                         f"dev acc {best['val_acc']:.4f}): it is left over from another run; train again")
     return Run(path, metrics, preds)
@@ -178,6 +180,10 @@ def make_groups(runs: list[Run]) -> list[Group]:
     config values that tell apart groups of the same kind. Ordered lora, rnn, distil."""
     by_key: dict[str, list[Run]] = {}
     for r in runs:
+        seed = r.metrics["config"].get("seed")
+        twin = next((o for o in by_key.get(group_key(r), []) if o.metrics["config"].get("seed") == seed), None)
+        if twin:  # a copied run would count twice and shrink the std
+            raise UserError(f"{twin.path} and {r.path} are runs of the same config and seed; give each run once")
         by_key.setdefault(group_key(r), []).append(r)
     groups = []
     for kind in sorted({r.kind for r in runs}, key=lambda k: KINDS.index(k) if k in KINDS else len(KINDS)):
@@ -189,7 +195,8 @@ def make_groups(runs: list[Run]) -> list[Group]:
             label = " ".join(f"{k}={_short(c.get(k))}" for k in keys)
             if len(members) > 1 and not label:  # only the dev set differs
                 label = f"dev {rs[0].dev_key}"
-            groups.append(Group(f"{kind} {label}".strip(), sorted(rs, key=lambda r: r.metrics["config"].get("seed", 0))))
+            seeds = sorted(rs, key=lambda r: r.metrics["config"].get("seed", 0))
+            groups.append(Group(f"{kind} {label}".strip(), seeds))
     return groups
 
 
@@ -250,7 +257,7 @@ def summarize_group(g: Group, idx: np.ndarray) -> dict:
            "collapsed": sum(bool(b["val_collapsed"]) for b in best), "boot_mcc": boot_mcc}
     if all(ood):
         row.update(ood_acc=mean_std([o["acc"] for o in ood]), ood_mcc=mean_std([o["mcc"] for o in ood]),
-                   ood_baseline=ood[0]["majority_acc"], ood_size=len(g.runs[0].predictions.get("ood_dev", {}).get("rows", [])))
+                   ood_baseline=ood[0]["majority_acc"])
     return row
 
 

@@ -25,9 +25,9 @@ from distill import agreement, augment, make_kd_loss, teacher_fingerprint, teach
 from errors import UserError
 from lora import parameter_summary, read_adapter_config
 from model import GPT, DistilRNN
-from trainer import (CHECKPOINT, METRICS, ArgumentParser, add_common_args, dropout_float, fit, load_checkpoint, nonneg_int,
-                     pick_device, positive_float, positive_int, prepare_outputs, report_ood, run_cli, run_config,
-                     unit_float, write_json)
+from trainer import (CHECKPOINT, METRICS, ArgumentParser, add_common_args, dropout_float, fit, load_checkpoint,
+                     nonneg_int, pick_device, positive_float, positive_int, prepare_outputs, report_ood, run_cli,
+                     run_config, unit_float, write_json)
 
 STUDENT_WEIGHTS = "student.safetensors"
 STUDENT_CONFIG = "student_config.json"

@@ -1,5 +1,6 @@
 """What train_lora.py and train_distil.py share: flags, the training loop, metrics, resumable checkpoints
-and saved predictions (report.py draws the plots). Both models expose `classify(ids, lengths) -> logits (B, n_classes)`, which is all the loop needs.
+and saved predictions (report.py draws the plots). Both models expose `classify(ids, lengths) -> logits
+(B, n_classes)`, which is all the loop needs.
 """
 
 from __future__ import annotations
@@ -89,8 +90,10 @@ def add_common_args(p: argparse.ArgumentParser, *, out_dir: str, epochs: int, lr
     g.add_argument("--out_dir", default=out_dir)
     g.add_argument("--plots_dir", default="plots")
     g.add_argument("--resume", action="store_true", help="continue from the last completed epoch in --out_dir")
-    g.add_argument("--max_train_samples", type=nonneg_int, default=None, help="use N training rows, a stratified sample (data.stratified_sample)")
-    g.add_argument("--max_eval_samples", type=nonneg_int, default=None, help="use N rows of each dev set, a stratified sample")
+    g.add_argument("--max_train_samples", type=nonneg_int, default=None,
+                   help="use N training rows: a stratified sample, the same whatever --seed")
+    g.add_argument("--max_eval_samples", type=nonneg_int, default=None,
+                   help="use N rows of each dev set: a stratified sample, the same whatever --seed")
 
 
 def pick_device(name: str) -> torch.device:

@@ -289,6 +289,12 @@ def test_an_old_run_without_predictions_is_one_clear_line(runs, tmp_path):
     assert not (tmp_path / "plots" / "comparison.md").exists()
 
 
+def test_a_run_given_twice_under_two_names_is_refused(runs, tmp_path):
+    shutil.copytree(runs / "rnn_1", tmp_path / "copy")
+    with pytest.raises(UserError, match="same config and seed"):
+        report.compare([runs / "rnn_1", runs / "rnn_2", tmp_path / "copy"], tmp_path)
+
+
 def test_predictions_left_over_from_another_run_are_refused(runs, tmp_path):
     """predictions.json must be the best epoch's of the run whose metrics.json it sits beside."""
     mixed = tmp_path / "mixed"
