@@ -94,8 +94,9 @@ class LoRALinear(nn.Linear):
         if self.merged:
             if self.training and torch.is_grad_enabled() and (self.lora_A.requires_grad or self.lora_B.requires_grad):
                 # W0 + B A is one frozen tensor now: a training step would silently leave A and B untouched.
-                raise RuntimeError("a merged LoRALinear cannot be trained (A and B get no gradient): call unmerge() "
-                                   "(lora.unmerge_lora(model)) first; for inference use model.eval() or torch.no_grad()")
+                raise RuntimeError("a merged LoRALinear cannot be trained (A and B get no gradient): call "
+                                   "unmerge() (lora.unmerge_lora(model)) first; for inference use model.eval() or "
+                                   "torch.no_grad()")
             return F.linear(x, self.weight, self.bias)
         x2 = x.reshape(-1, self.in_features)  # (N, in)
         p, scale = self.lora_dropout.p, self.scaling
@@ -116,10 +117,11 @@ class LoRALinear(nn.Linear):
     def merge(self) -> None:
         """Fold B A into W0 so inference costs one matmul. Merging a merged layer does nothing.
 
-        In floating point (W0 + dW) - dW is not always W0: where adding dW carries an element into a higher
-        binade, its lowest bit is rounded away (in float32, 1-2% of the elements when dW is about 1% of W0,
-        more as dW grows; about 6e-8 each). merge keeps those elements' original values (flat index and value) and unmerge puts them
-        back, so unmerge is exact, for a few percent of W0's memory where a copy of W0 would double it.
+        In floating point (W0 + dW) - dW is not always W0: where W0 + dW lands in a higher binade than W0, it
+        is rounded to a coarser grid and W0's low bits are lost (in float32, 1-2% of the elements when dW is
+        about 1% of W0, more as dW grows; about 6e-8 each). merge keeps those elements' original values (flat
+        index and value, 12 bytes each) and unmerge puts them back: exact, for about 6% of W0's memory while
+        merged when 2% are kept, where keeping a copy of W0 would double it.
         """
         if not self.merged:
             delta = self.delta_weight().to(self.weight.dtype)  # (out, in)

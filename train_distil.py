@@ -50,7 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--num_layers", type=positive_int, default=1, help="stacked RNN layers")
     g.add_argument("--bidirectional", action=argparse.BooleanOptionalAction, default=True,
                    help="read each sentence in both directions")
-    g.add_argument("--rnn_dropout", type=dropout_float, default=0.3, help="dropout on the embeddings, between layers and before the classifier")
+    g.add_argument("--rnn_dropout", type=dropout_float, default=0.3,
+                   help="dropout on the embeddings, between layers and before the classifier")
     g.add_argument("--init_embeddings", default="teacher",
                    help="copy GPT-2's token embedding into the student: 'teacher' (the teacher's base model), a "
                         "GPT-2 variant or checkpoint directory, or 'none' for random embeddings of --embd_dim")

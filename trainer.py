@@ -30,8 +30,8 @@ LossFn = Callable[[torch.Tensor, Batch], torch.Tensor]
 
 # ---------------------------------------------------------------- command line
 
-# Directories this process created for a run's outputs (deepest first within each mkdir): run_cli removes the
-# ones left empty, so a run that fails before writing anything leaves nothing behind.
+# Directories this process created for a run's outputs: run_cli removes the ones left empty, so a run that fails
+# before writing anything leaves nothing behind.
 _created_dirs: list[Path] = []
 
 
@@ -128,7 +128,8 @@ def add_common_args(p: argparse.ArgumentParser, *, out_dir: str, epochs: int, lr
     g.add_argument("--epochs", type=positive_int, default=epochs, help="passes over the training set")
     g.add_argument("--lr", type=positive_float, default=lr, help="peak learning rate (AdamW)")
     g.add_argument("--batch_size", type=positive_int, default=batch_size, help="sentences per step")
-    g.add_argument("--weight_decay", type=nonneg_float, default=weight_decay, help="AdamW's, on weight matrices (not on biases, norms or embeddings)")
+    g.add_argument("--weight_decay", type=nonneg_float, default=weight_decay,
+                   help="AdamW's, on weight matrices (not on biases, norms or embeddings)")
     g.add_argument("--warmup_ratio", type=unit_float, default=warmup_ratio,
                    help="fraction of steps of linear warmup; the rest decays linearly to 0")
     g.add_argument("--grad_clip", type=nonneg_float, default=1.0, help="max gradient norm, 0 to disable")
@@ -192,9 +193,11 @@ def prepare_outputs(args: argparse.Namespace, weights: tuple[str, ...]) -> None:
         raise UserError(f"--out_dir {out_dir} already holds a run ({', '.join(earlier)}): pass --resume to "
                         "continue it, --overwrite to replace it, or another --out_dir")
     if args.overwrite:
-        for n in names:
-            for path in (out_dir / n, out_dir / f"{n}.tmp"):
+        for path in [out_dir / n for n in names] + [out_dir / f"{n}.tmp" for n in names]:
+            try:
                 path.unlink(missing_ok=True)
+            except OSError as e:
+                raise UserError(f"--overwrite: {path} cannot be removed: {e.strerror or e}") from None
         if earlier:
             print(f"--overwrite: removed {', '.join(earlier)} from {out_dir}")
     check_writable(out_dir, "--out_dir")
