@@ -116,8 +116,11 @@ def test_model_py_good_flags_still_generate(sampling_runs):
 # ---------------------------------------------------------------- Ctrl-C
 
 def start(script: str, args: list[str], log: Path) -> subprocess.Popen:
+    """The run as a terminal starts it: with SIGINT's default disposition, so Python turns it into
+    KeyboardInterrupt, even when this pytest runs as a background job (SIGINT ignored, and inherited)."""
     return subprocess.Popen([sys.executable, script, *args], cwd=ROOT, env={**ENV, "PYTHONUNBUFFERED": "1"},
-                            stdout=subprocess.PIPE, stderr=open(log, "w"), text=True)
+                            stdout=subprocess.PIPE, stderr=open(log, "w"), text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def interrupt(p: subprocess.Popen, log: Path) -> str:
