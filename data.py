@@ -6,6 +6,7 @@ length-bucketed: CoLA sentences average about 9 tokens, so fixed padding would m
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import random
@@ -54,6 +55,7 @@ def ensure_cola(data_dir: str | Path, url: str = COLA_URL) -> Path:
         return raw
     archive = data_dir / "cola_public_1.1.zip"
     if not archive.is_file():
+        new_dirs = [p for p in (data_dir, *data_dir.parents) if not p.exists()]  # removed again if the download fails
         try:
             data_dir.mkdir(parents=True, exist_ok=True)
         except OSError as e:
@@ -65,6 +67,9 @@ def ensure_cola(data_dir: str | Path, url: str = COLA_URL) -> Path:
                 shutil.copyfileobj(r, f)
         except (OSError, ValueError) as e:
             partial.unlink(missing_ok=True)
+            for d in new_dirs:  # a misspelt --data_dir leaves nothing behind
+                with contextlib.suppress(OSError):
+                    d.rmdir()
             raise UserError(f"could not download CoLA from {url} ({e}); put cola_public_1.1.zip or its extracted "
                             f"cola_public/ folder into --data_dir {data_dir}") from None
         partial.replace(archive)

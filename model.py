@@ -272,17 +272,20 @@ class DistilRNN(nn.Module):
 
 
 def main() -> None:
-    from trainer import ArgumentParser, pick_device, run_cli
+    from trainer import ArgumentParser, nonneg_float, pick_device, positive_int, run_cli
 
     parser = ArgumentParser(description="Generate text with GPT-2.")
     parser.add_argument("--gpt_variant", default="gpt2", help="hub name or local checkpoint directory")
-    parser.add_argument("--prompt", default="The meaning of life is")
-    parser.add_argument("--max_new_tokens", type=int, default=50)
-    parser.add_argument("--temperature", type=float, default=0.8, help="0 means greedy decoding")
-    parser.add_argument("--top_k", type=int, default=200)
-    parser.add_argument("--num_samples", type=int, default=1)
-    parser.add_argument("--seed", type=int, default=1337)
-    parser.add_argument("--device", default="auto")
+    parser.add_argument("--prompt", default="The meaning of life is", help="text to continue")
+    parser.add_argument("--max_new_tokens", type=positive_int, default=50, help="tokens generated per sample")
+    parser.add_argument("--temperature", type=nonneg_float, default=0.8,
+                        help="divides the logits: < 1 sharper, > 1 flatter, 0 greedy decoding")
+    parser.add_argument("--top_k", type=positive_int, default=200,
+                        help="sample only among the k most likely tokens; a k of 50257 (the vocabulary) or more "
+                             "keeps every token")
+    parser.add_argument("--num_samples", type=positive_int, default=1, help="independent samples to print")
+    parser.add_argument("--seed", type=int, default=1337, help="seeds the sampling")
+    parser.add_argument("--device", default="auto", help="auto picks cuda, then mps, then cpu")
     args = parser.parse_args()
     import tiktoken
 

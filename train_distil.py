@@ -25,16 +25,16 @@ from distill import agreement, augment, make_kd_loss, teacher_fingerprint, teach
 from errors import UserError
 from lora import parameter_summary, read_adapter_config
 from model import GPT, DistilRNN
-from trainer import (CHECKPOINT, METRICS, ArgumentParser, add_common_args, dropout_float, fit, load_checkpoint,
-                     nonneg_int, pick_device, positive_float, positive_int, prepare_outputs, report_ood, run_cli,
-                     run_config, unit_float, write_json)
+from trainer import (CHECKPOINT, METRICS, PREDICTIONS, ArgumentParser, add_common_args, dropout_float, fit, load_checkpoint,
+                     nonneg_int, pick_device, positive_float, positive_int, prepare_outputs, print_outputs, report_ood,
+                     run_cli, run_config, unit_float, write_json)
 
 STUDENT_WEIGHTS = "student.safetensors"
 STUDENT_CONFIG = "student_config.json"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__)
     p.add_argument("--mode", choices=("rnn", "distil"), default="distil",
                    help="rnn: train on the gold labels; distil: learn from the teacher's soft targets too")
     p.add_argument("--teacher", default="runs/lora", help="a train_lora.py --out_dir")
@@ -46,11 +46,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="perturbed copies of each training sentence, labelled only by the teacher (Tang et al.)")
     g.add_argument("--cache_dir", default="runs/cache", help="where teacher logits are cached")
     g = p.add_argument_group("student")
-    g.add_argument("--cell", choices=tuple(DistilRNN.CELLS), default="gru")
-    g.add_argument("--hidden_size", type=positive_int, default=256)
-    g.add_argument("--num_layers", type=positive_int, default=1)
-    g.add_argument("--bidirectional", action=argparse.BooleanOptionalAction, default=True)
-    g.add_argument("--rnn_dropout", type=dropout_float, default=0.3)
+    g.add_argument("--cell", choices=tuple(DistilRNN.CELLS), default="gru", help="recurrent cell")
+    g.add_argument("--hidden_size", type=positive_int, default=256, help="RNN state width (each direction)")
+    g.add_argument("--num_layers", type=positive_int, default=1, help="stacked RNN layers")
+    g.add_argument("--bidirectional", action=argparse.BooleanOptionalAction, default=True,
+                   help="read each sentence in both directions")
+    g.add_argument("--rnn_dropout", type=dropout_float, default=0.3,
+                   help="dropout on the embeddings, between layers and before the classifier")
     g.add_argument("--init_embeddings", default="teacher",
                    help="copy GPT-2's token embedding into the student: 'teacher' (the teacher's base model), a "
                         "GPT-2 variant or checkpoint directory, or 'none' for random embeddings of --embd_dim")
@@ -76,7 +78,7 @@ def train(args: argparse.Namespace) -> dict:
     args.out_dir = args.out_dir.format(mode=args.mode)
     if args.mode == "distil":
         read_adapter_config(args.teacher)  # a missing teacher fails here, before any work
-    prepare_outputs(args)
+    prepare_outputs(args, weights=(STUDENT_WEIGHTS, STUDENT_CONFIG))
     config = run_config(args)
     if args.mode == "distil":
         config["teacher_fingerprint"] = teacher_fingerprint(args.teacher)
@@ -123,6 +125,10 @@ def train(args: argparse.Namespace) -> dict:
         print(f"student agrees with the teacher on {metrics['teacher_agreement_dev']:.1%} of dev")
     write_json(out_dir / METRICS, metrics)
     compare_runs(args, out_dir)
+    plots = Path(args.plots_dir)
+    print_outputs(metrics=[out_dir / METRICS, out_dir / PREDICTIONS], weights=[out_dir / STUDENT_WEIGHTS, out_dir / STUDENT_CONFIG],
+                  checkpoint=[out_dir / CHECKPOINT], plots=[*sorted(plots.glob(f"{args.mode}_*.png")),
+                                                            *sorted(plots.glob("comparison.*"))])
     return metrics
 
 
@@ -153,7 +159,7 @@ def compare_runs(args: argparse.Namespace, out_dir: Path) -> None:
 
 def main() -> None:
     args = build_parser().parse_args()
-    run_cli(lambda: train(args))
+    run_cli(lambda: train(args), args)
 
 
 if __name__ == "__main__":

@@ -17,14 +17,15 @@ import torch
 import torch.nn.functional as F
 
 from data import load_cola, sample_record
-from lora import TARGETS, export_peft, inject_lora, load_adapter, parameter_summary, save_adapter
+from lora import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, TARGETS, export_peft, inject_lora, load_adapter, parameter_summary,
+                  save_adapter)
 from model import GPT, check_variant
-from trainer import (ArgumentParser, add_common_args, dropout_float, fit, pick_device, positive_float, positive_int, prepare_outputs,
-                     report_ood, run_cli, run_config, write_json)
+from trainer import (CHECKPOINT, METRICS, PREDICTIONS, ArgumentParser, add_common_args, dropout_float, fit, pick_device, positive_float,
+                     positive_int, prepare_outputs, print_outputs, report_ood, run_cli, run_config, write_json)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__)
     g = p.add_argument_group("model and LoRA")
     g.add_argument("--gpt_variant", default="gpt2-medium",
                    help="gpt2, gpt2-medium, gpt2-large, gpt2-xl, or a local transformers GPT-2 checkpoint directory")
@@ -35,14 +36,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--rslora", action="store_true", help="scale by alpha / sqrt(r) (rank-stabilised LoRA)")
     g.add_argument("--dropout", type=dropout_float, default=0.0, help="GPT-2's own dropout (0 when fine-tuning)")
     g.add_argument("--export_peft", default=None, metavar="DIR",
-                   help="also write the best adapter in PEFT's format to DIR")
+                   help="also write the best adapter in PEFT's format to DIR (default: not written)")
     add_common_args(p, out_dir="runs/lora", epochs=10, lr=4e-4, batch_size=32, weight_decay=0.01, warmup_ratio=0.06)
     return p
 
 
 def train(args: argparse.Namespace) -> dict:
     check_variant(args.gpt_variant)
-    prepare_outputs(args)
+    prepare_outputs(args, weights=(ADAPTER_WEIGHTS, ADAPTER_CONFIG))
     torch.manual_seed(args.seed)
     device = pick_device(args.device)
     data = load_cola(args.data_dir, args.max_train_samples, args.max_eval_samples)
@@ -69,12 +70,15 @@ def train(args: argparse.Namespace) -> dict:
     if args.export_peft:
         export_peft(model, adapter_config, args.export_peft)
         print(f"PEFT adapter written to {args.export_peft}")
+    out, plots = Path(args.out_dir), Path(args.plots_dir)
+    print_outputs(metrics=[out / METRICS, out / PREDICTIONS], weights=[out / ADAPTER_WEIGHTS, out / ADAPTER_CONFIG],
+                  checkpoint=[out / CHECKPOINT], plots=sorted(plots.glob("lora_*.png")))
     return metrics
 
 
 def main() -> None:
     args = build_parser().parse_args()
-    run_cli(lambda: train(args))
+    run_cli(lambda: train(args), args)
 
 
 if __name__ == "__main__":

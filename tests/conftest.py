@@ -16,6 +16,24 @@ sys.path.insert(0, str(ROOT))
 if (SHARED / "tiktoken").is_dir():
     os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(SHARED / "tiktoken"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the hub; local checkpoints only
+COLA_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "gpt2-lora-cola"
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """Fetch what every test needs once, now, or stop with one line (ERROR: ..., exit status 4): offline, that
+    beats an error per test."""
+    import tempfile
+
+    from data import ensure_cola, get_encoder
+    from errors import UserError
+    try:
+        if not (SHARED / "cola" / "cola_public" / "raw").is_dir():
+            ensure_cola(COLA_CACHE)
+        get_encoder()
+    except UserError as e:
+        bpe_cache = os.environ.get("TIKTOKEN_CACHE_DIR") or Path(tempfile.gettempdir()) / "data-gym-cache"
+        raise pytest.UsageError(f"the tests need CoLA (0.3 MB, cached in {COLA_CACHE}) and tiktoken's GPT-2 BPE "
+                                f"files (1.5 MB, cached in {bpe_cache}), downloaded on first use; {e}") from None
 
 
 @pytest.fixture(scope="session")
@@ -23,10 +41,7 @@ def cola_dir() -> Path:
     """A --data_dir holding CoLA."""
     if (SHARED / "cola" / "cola_public" / "raw").is_dir():
         return SHARED / "cola"
-    from data import ensure_cola
-    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "gpt2-lora-cola"
-    ensure_cola(cache)
-    return cache
+    return COLA_CACHE
 
 
 @pytest.fixture(scope="session")

@@ -160,7 +160,7 @@ def test_download_of_missing_url_fails_cleanly(tmp_path):
     with pytest.raises(UserError) as e:
         ensure_cola(tmp_path / "data", url=url)
     assert url in str(e.value)
-    assert list((tmp_path / "data").iterdir()) == []  # no archive, no .part
+    assert not (tmp_path / "data").exists()  # no archive, no .part, not even the directory it made
 
 
 def test_download_cut_off_midway_leaves_no_part_file(tmp_path, archive, monkeypatch):

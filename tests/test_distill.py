@@ -244,7 +244,7 @@ def test_teacher_runs_once_per_sentence_and_is_cached(random_teacher, tmp_path, 
     train_distil.train(distil_args(random_teacher, tmp_path / "a", cola_dir, *args))
     assert sum(rows) == 200 + 50
     rows.clear()
-    train_distil.train(distil_args(random_teacher, tmp_path / "a", cola_dir, *args[:-1], "2"))
+    train_distil.train(distil_args(random_teacher, tmp_path / "a", cola_dir, *args[:-1], "2", "--overwrite"))
     assert sum(rows) == 0
     # A different teacher (changed adapter weights) in the same place must not hit the cache.
     from safetensors.torch import load_file, save_file
@@ -254,7 +254,7 @@ def test_teacher_runs_once_per_sentence_and_is_cached(random_teacher, tmp_path, 
     (changed / "adapter_config.json").write_text((random_teacher / "adapter_config.json").read_text())
     w["score.weight"] = -w["score.weight"]
     save_file(w, str(changed / "adapter.safetensors"))
-    train_distil.train(distil_args(changed, tmp_path / "a", cola_dir, *args[:-1], "1"))
+    train_distil.train(distil_args(changed, tmp_path / "a", cola_dir, *args[:-1], "1", "--overwrite"))
     assert sum(rows) == 250
 
 

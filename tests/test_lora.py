@@ -173,6 +173,74 @@ def test_merge_unmerge_whole_model_and_merged_flag_is_not_train_eval(base64, bat
             assert torch.allclose(model.get_parameter(name), p, atol=1e-6), name
 
 
+def test_unmerge_restores_w0_bit_for_bit_over_many_cycles():
+    """(W0 + dW) - dW drifts in float32 wherever adding dW rounds W0's lowest bit away; unmerge must not."""
+    torch.manual_seed(0)
+    base = nn.Linear(256, 384)
+    with torch.no_grad():
+        base.weight.normal_(0, 0.14)  # the spread of GPT-2's projection weights
+    layer = LoRALinear.from_linear(base, r=8, alpha=16.0)
+    with torch.no_grad():
+        layer.lora_B.normal_(0, 0.05)
+    w0 = layer.weight.detach().clone()
+    delta = layer.delta_weight().detach()
+    drifted = (w0 + delta) - delta
+    assert (drifted != w0).sum() > 100  # the naive unmerge does drift here, so this test can fail
+    for _ in range(20):
+        layer.merge()
+        assert torch.equal(layer.weight, w0 + delta)  # merged is exactly W0 + dW as float32 computes it
+        layer.unmerge()
+        assert torch.equal(layer.weight, w0)
+    assert not hasattr(layer, "_lost")  # nothing is kept once unmerged
+
+
+def test_unmerge_lora_restores_the_pretrained_model_exactly(base64):
+    model = inject_lora(fresh(base64), r=4, alpha=8.0)
+    randomize_b(model)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    for _ in range(3):
+        merge_lora(model)
+        unmerge_lora(model)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_a_merged_layer_refuses_to_train_and_unmerged_trains():
+    torch.manual_seed(0)
+    layer = LoRALinear(16, 24, r=4, alpha=8.0)
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    x = torch.randn(5, 16)
+    layer.merge()
+    layer.train()
+    with pytest.raises(RuntimeError, match="unmerge"):
+        layer(x)
+    with torch.no_grad():
+        layer(x)  # inference is fine, in either mode
+    layer.eval()
+    layer(x)
+    layer.train()
+    layer.unmerge()
+    layer(x).square().sum().backward()
+    assert layer.lora_A.grad.abs().sum() > 0 and layer.lora_B.grad.abs().sum() > 0
+
+
+def test_fit_on_a_merged_model_stops_at_its_first_step(base64, cola, tmp_path):
+    """A merged model handed to the training loop fails loudly, before any epoch is recorded or saved."""
+    from argparse import Namespace
+
+    from data import Dataset
+    from trainer import CHECKPOINT, fit
+
+    model = inject_lora(fresh(base64), r=2, alpha=4.0)
+    merge_lora(model)
+    ds = Dataset("dev", cola["dev"].sentences[:32], cola["dev"].ids[:32], cola["dev"].labels[:32])
+    args = Namespace(out_dir=str(tmp_path), plots_dir=str(tmp_path), epochs=1, lr=1e-3, batch_size=32,
+                     weight_decay=0.0, warmup_ratio=0.0, grad_clip=1.0, seed=0, resume=False, compile=False)
+    with pytest.raises(RuntimeError, match="merged"):
+        fit(model, ds, ds, lambda logits, b: F.cross_entropy(logits, b.labels), args, {}, "lora", lambda: None)
+    assert not (tmp_path / CHECKPOINT).exists()
+
+
 # ---------------------------------------------------------------- inject_lora
 
 def test_only_lora_and_head_are_trainable(base64):

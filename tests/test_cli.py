@@ -1,0 +1,268 @@
+"""The command line as a new user meets it in the first hour.
+
+- --help shows every default (train_lora.py, train_distil.py, model.py).
+- model.py refuses bad sampling flags in one line.
+- Ctrl-C says what is true: which epoch the checkpoint holds, or that nothing was saved.
+- A finished run is never silently replaced: --resume continues it, --overwrite replaces it (removing its files
+  first), anything else is one line and exit 2.
+- A run that fails before training leaves no empty directory behind, a misspelt --data_dir included.
+- Every run ends by naming its metrics, weights and plots.
+- Generated outputs are ignored by git; the suite stops in one line when it cannot get its data.
+
+Scripts run as subprocesses, as a user runs them (see test_robustness.py for the helpers).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT
+from test_robustness import ENV, LORA_ROWS, TIMEOUT, cli, distil_args, error_line, lora_args, ok, sha256
+from trainer import CHECKPOINT, METRICS, load_checkpoint
+
+OFFLINE = {"HTTPS_PROXY": "http://127.0.0.1:9", "HTTP_PROXY": "http://127.0.0.1:9", "NO_PROXY": "", "no_proxy": ""}
+
+
+# ---------------------------------------------------------------- --help
+
+def help_entries(script: str) -> dict[str, str]:
+    """{'--flag': its whole help entry on one line} from `script --help`."""
+    r = ok(cli(script, "--help"))
+    entries, current = {}, None
+    for line in r.stdout.splitlines():
+        if line.startswith("  -"):  # an option's first line; its help may continue on indented lines
+            current = line.split()[0].rstrip(",")
+            entries[current] = line
+        elif current and line.startswith("   "):
+            entries[current] += " " + line
+        else:
+            current = None
+    return {k: " ".join(v.split()) for k, v in entries.items()}
+
+
+def shown_default(entry: str) -> str | None:
+    m = re.search(r"\(default: (.*)\)$", entry)
+    return m.group(1) if m else None
+
+
+@pytest.mark.parametrize("script", ["train_lora.py", "train_distil.py"])
+def test_help_shows_every_default(script):
+    parser = __import__(script[:-3]).build_parser()
+    entries = help_entries(script)
+    options = [a for a in parser._actions if a.option_strings and a.dest != "help"]
+    assert len(options) > 20 and set(entries) >= {a.option_strings[0] for a in options}
+    for a in options:
+        shown = shown_default(entries[a.option_strings[0]])
+        if isinstance(a.default, bool):
+            assert shown == ("on" if a.default else "off"), entries[a.option_strings[0]]
+        elif a.default is None:  # the help says what leaving it out does
+            assert shown, entries[a.option_strings[0]]
+        else:
+            assert shown == str(a.default), entries[a.option_strings[0]]
+
+
+def test_model_py_help_shows_every_default():
+    entries = help_entries("model.py")
+    assert set(entries) == {"-h", "--gpt_variant", "--prompt", "--max_new_tokens", "--temperature", "--top_k",
+                            "--num_samples", "--seed", "--device"}
+    shown = {k: shown_default(v) for k, v in entries.items() if k != "-h"}
+    assert shown == {"--gpt_variant": "gpt2", "--prompt": "The meaning of life is", "--max_new_tokens": "50",
+                     "--temperature": "0.8", "--top_k": "200", "--num_samples": "1", "--seed": "1337",
+                     "--device": "auto"}
+
+
+# ---------------------------------------------------------------- model.py's sampling flags
+
+BAD_SAMPLING = {"top_k_0": ("--top_k", "0"), "temperature_-1": ("--temperature", "-1"),
+                "temperature_nan": ("--temperature", "nan"), "max_new_tokens_0": ("--max_new_tokens", "0"),
+                "num_samples_0": ("--num_samples", "0"), "num_samples_-2": ("--num_samples", "-2")}
+
+
+@pytest.fixture(scope="module")
+def sampling_runs(tiny_gpt2):
+    """Every bad flag, and one good run, concurrently, on a tiny local GPT-2 (so nothing fails for want of
+    weights)."""
+    base = ("--gpt_variant", str(tiny_gpt2), "--max_new_tokens", "3", "--device", "cpu")
+    cmds = {name: (*base, flag, v) for name, (flag, v) in BAD_SAMPLING.items()}
+    cmds["good"] = (*base, "--top_k", "60000", "--temperature", "0", "--num_samples", "2")
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        futures = {name: pool.submit(cli, "model.py", *args) for name, args in cmds.items()}
+        return {name: f.result() for name, f in futures.items()}
+
+
+@pytest.mark.parametrize("name", list(BAD_SAMPLING))
+def test_model_py_bad_sampling_flag_is_one_line(sampling_runs, name):
+    flag, value = BAD_SAMPLING[name]
+    line = error_line(sampling_runs[name])
+    assert flag in line and value in line, line
+
+
+def test_model_py_good_flags_still_generate(sampling_runs):
+    r = ok(sampling_runs["good"])
+    assert r.stdout.count("---------------") == 2
+
+
+# ---------------------------------------------------------------- Ctrl-C
+
+def start(script: str, args: list[str], log: Path) -> subprocess.Popen:
+    """The run as a terminal starts it: with SIGINT's default disposition, so Python turns it into
+    KeyboardInterrupt, even when this pytest runs as a background job (SIGINT ignored, and inherited)."""
+    return subprocess.Popen([sys.executable, script, *args], cwd=ROOT, env={**ENV, "PYTHONUNBUFFERED": "1"},
+                            stdout=subprocess.PIPE, stderr=open(log, "w"), text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+
+
+def interrupt(p: subprocess.Popen, log: Path) -> str:
+    """SIGINT (what Ctrl-C sends); the run must exit 130 with a last stderr line `interrupted: ...`."""
+    p.send_signal(signal.SIGINT)
+    p.communicate(timeout=TIMEOUT)
+    err = log.read_text()
+    assert p.returncode == 130, f"exit {p.returncode}\n{err[-3000:]}"
+    assert "Traceback" not in err, err[-3000:]
+    lines = [ln.strip() for ln in err.splitlines() if ln.strip()]
+    assert lines[-1].startswith("interrupted:"), err[-3000:]
+    return lines[-1]
+
+
+def test_ctrl_c_in_epoch_1_says_nothing_was_saved(tiny_gpt2, cola_dir, tmp_path):
+    out = tmp_path / "new" / "lora"  # lora_args puts the plots beside it, in new/plots
+    p = start("train_lora.py", lora_args(tiny_gpt2, cola_dir, out, rows=LORA_ROWS, epochs=3), tmp_path / "log")
+    for line in p.stdout:  # the last line before the training loop starts
+        if "sentences" in line:
+            break
+    line = interrupt(p, tmp_path / "log")
+    assert not (out / CHECKPOINT).exists()
+    assert "nothing was saved" in line and "--resume" not in line, line
+    assert not (tmp_path / "new").exists()  # the run created new/, new/lora and new/plots, and left them empty
+
+
+def test_ctrl_c_after_epoch_1_names_the_saved_epoch_and_resume_continues(tiny_gpt2, cola_dir, tmp_path):
+    out = tmp_path / "lora"
+    args = lora_args(tiny_gpt2, cola_dir, out, rows=LORA_ROWS, epochs=3)
+    p = start("train_lora.py", args, tmp_path / "log")
+    deadline = time.monotonic() + TIMEOUT
+    while not (out / CHECKPOINT).exists():
+        assert p.poll() is None and time.monotonic() < deadline, (tmp_path / "log").read_text()[-3000:]
+        time.sleep(0.005)
+    time.sleep(0.1)
+    line = interrupt(p, tmp_path / "log")
+    _, state = load_checkpoint(out / CHECKPOINT)
+    saved = len(state["metrics"]["epochs"])
+    assert f"epoch {saved} of 3 is saved in {out / CHECKPOINT}" in line and "--resume" in line, line
+    r = ok(cli("train_lora.py", *args, "--resume"))
+    assert f"after epoch {saved}" in r.stdout
+    assert len(json.loads((out / METRICS).read_text())["epochs"]) == 3
+
+
+# ---------------------------------------------------------------- a finished run, and the outputs a run names
+
+def named_outputs(stdout: str) -> dict[str, list[Path]]:
+    """The run's closing lines, `kind: path, path`."""
+    found = {}
+    for line in stdout.splitlines():
+        m = re.fullmatch(r"(metrics|weights|checkpoint|plots): (.+)", line)
+        if m:
+            found[m.group(1)] = [Path(s) for s in m.group(2).split(", ")]
+    return found
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory, tiny_gpt2, cola_dir):
+    out = tmp_path_factory.mktemp("finished") / "lora"
+    args = lora_args(tiny_gpt2, cola_dir, out)
+    return out, args, ok(cli("train_lora.py", *args))
+
+
+def test_train_lora_ends_by_naming_its_outputs(finished):
+    out, _, r = finished
+    named = named_outputs(r.stdout)
+    assert named["metrics"] == [out / METRICS]
+    assert named["weights"] == [out / "adapter.safetensors", out / "adapter_config.json"]
+    assert named["checkpoint"] == [out / CHECKPOINT]
+    assert named["plots"] == sorted((out.parent / "plots").glob("lora_*.png")) and len(named["plots"]) == 2
+    assert all(p.is_file() for paths in named.values() for p in paths)
+
+
+def test_train_distil_ends_by_naming_its_outputs(cola_dir, tmp_path):
+    out = tmp_path / "rnn"
+    r = ok(cli("train_distil.py", *distil_args("rnn", tmp_path / "no_teacher", cola_dir, out, tmp_path / "cache")))
+    named = named_outputs(r.stdout)
+    assert named["metrics"] == [out / METRICS]
+    assert named["weights"] == [out / "student.safetensors", out / "student_config.json"]
+    assert {p.name for p in named["plots"]} >= {"rnn_loss.png", "rnn_accuracy.png", "comparison.png"}
+    assert all(p.is_file() for paths in named.values() for p in paths)
+
+
+def test_a_finished_run_is_not_replaced_without_overwrite(finished):
+    out, args, _ = finished
+    before = {p.name: sha256(p) for p in out.iterdir()}
+    line = error_line(cli("train_lora.py", *args, "--lora_rank", "1"))
+    assert str(out) in line and "--resume" in line and "--overwrite" in line, line
+    assert {p.name: sha256(p) for p in out.iterdir()} == before
+
+
+def test_overwrite_removes_the_earlier_run_before_training(finished, tmp_path):
+    """--overwrite with a run that fails before its first epoch ends: nothing of the earlier run may be left to
+    mix in (a stale checkpoint would be continued by a later --resume)."""
+    src, args, _ = finished
+    out = tmp_path / "lora"
+    shutil.copytree(src, out)
+    args = [str(out) if a == str(src) else a for a in args]
+    line = error_line(cli("train_lora.py", *args, "--overwrite", "--lora_targets", "bogus"))
+    assert "bogus" in line, line
+    assert sorted(p.name for p in out.iterdir()) == []
+    line = error_line(cli("train_lora.py", *args, "--overwrite", "--resume"))
+    assert "--overwrite" in line and "--resume" in line, line
+
+
+# ---------------------------------------------------------------- failed runs leave nothing behind
+
+def test_failed_download_leaves_no_empty_directories(tiny_gpt2, tmp_path):
+    """A misspelt --data_dir offline: CoLA cannot be downloaded, and neither the data directory nor the output
+    directories the run created are left behind."""
+    out = tmp_path / "new" / "lora"
+    line = error_line(cli("train_lora.py", *lora_args(tiny_gpt2, tmp_path / "dat" / "cola", out), env=OFFLINE))
+    assert "could not download CoLA" in line, line
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+# ---------------------------------------------------------------- the repository
+
+def git(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True)
+
+
+@pytest.mark.skipif(git("rev-parse", "--git-dir").returncode != 0, reason="not a git checkout")
+def test_generated_outputs_are_ignored_and_plots_readme_is_not():
+    generated = ["plots/lora_loss.png", "plots/rnn_accuracy.png", "plots/comparison.png", "plots/comparison.md",
+                 "runs/lora/metrics.json", "data/cola_public_1.1.zip"]
+    assert git("check-ignore", "--no-index", *generated).stdout.split() == generated
+    assert git("check-ignore", "--no-index", "plots/README.md").returncode == 1  # tracked, and not ignored
+
+
+def test_without_data_and_network_the_suite_stops_in_one_line(tmp_path):
+    """A clone without ../shared, offline, with empty caches: one `ERROR:` line naming what is missing and
+    where it is cached, not an error per test."""
+    repo = tmp_path / "repo"
+    shutil.copytree(ROOT, repo, ignore=shutil.ignore_patterns(".git", "__pycache__", ".pytest_cache", "data", "runs"))
+    for d in ("home", "tmp"):
+        (tmp_path / d).mkdir()
+    env = {k: v for k, v in ENV.items() if k not in ("TIKTOKEN_CACHE_DIR", "DATA_GYM_CACHE_DIR", "XDG_CACHE_HOME")}
+    env.update(OFFLINE, HOME=str(tmp_path / "home"), TMPDIR=str(tmp_path / "tmp"))
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_data.py"],
+                       cwd=repo, env=env, capture_output=True, text=True, timeout=TIMEOUT)
+    assert r.returncode == 4, r.stdout[-3000:] + r.stderr[-3000:]
+    errors = [ln for ln in (r.stdout + r.stderr).splitlines() if "error" in ln.lower()]
+    assert len(errors) == 1 and errors[0].startswith("ERROR: the tests need CoLA"), errors
+    assert str(tmp_path / "home" / ".cache" / "gpt2-lora-cola") in errors[0]
