@@ -104,8 +104,9 @@ def pad_batch(batch: Batch, batch_size: int, length: int) -> Batch:
     assert B <= batch_size and T <= length, (batch.ids.shape, batch_size, length)
     ids = torch.full((batch_size, length), PAD_TOKEN, dtype=torch.long)
     ids[:B, :T] = batch.ids
-    lengths, labels, index = torch.ones(batch_size, dtype=torch.long), torch.full((batch_size,), IGNORE_INDEX), \
-        torch.zeros(batch_size, dtype=torch.long)
+    lengths = torch.ones(batch_size, dtype=torch.long)
+    labels = torch.full((batch_size,), IGNORE_INDEX, dtype=torch.long)
+    index = torch.zeros(batch_size, dtype=torch.long)
     lengths[:B], labels[:B], index[:B] = batch.lengths, batch.labels, batch.index
     return Batch(ids, lengths, labels, index)
 

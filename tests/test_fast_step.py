@@ -113,6 +113,26 @@ def test_fixed_shape_steps_equal_eager_steps(tiny_gpt2, cola, one_thread):
     assert any(not torch.allclose(a, s) for a, s in zip(eager_weights, start))
 
 
+def test_capture_warmup_is_undone(tiny_gpt2, cola, one_thread):
+    """Before a capture FixedShapeStep runs warm-up steps (they create AdamW's state), then puts back the weights,
+    optimizer state and metrics: done here eagerly, the run that follows is bit-identical to one without."""
+    batches = list(iterate(subset(cola["train"], 96), 32, shuffle=True, seed=5))
+    runs = []
+    for warm_up in (False, True):
+        model = lora_gpt(tiny_gpt2).train()
+        optimizer = make_optimizer(model, 1e-2, 0.01)
+        step = FixedShapeStep(model, cross_entropy, optimizer, 1.0, 32, RunningMetrics(CPU), CPU, graphs=False)
+        if warm_up:
+            saved = step._snapshot()
+            for _ in range(3):
+                step(batches[-1])
+            assert optimizer.state and step.metrics.read()["bad_step"] == 0
+            step._restore(saved)
+        runs.append(run_steps(step, model, optimizer, batches))
+    assert runs[0][0] == runs[1][0]
+    assert all(torch.equal(a, b) for a, b in zip(runs[0][1], runs[1][1]))
+
+
 def test_running_metrics_equal_the_host_side_loop():
     """Random logits and labels, some rows unlabelled (-1, distillation's augmented sentences), a padded batch
     with IGNORE_INDEX rows, and a non-finite loss at step 4 then another at step 6."""
