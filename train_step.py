@@ -202,16 +202,15 @@ class FixedShapeStep:
     def _capture(self, length: int, static: Batch) -> None:
         saved = self._snapshot()
         try:
-            with tensor_lr(self.optimizer, self.lrs):
-                side = torch.cuda.Stream(self.device)
-                side.wait_stream(torch.cuda.current_stream(self.device))
-                with torch.cuda.stream(side):
-                    for _ in range(WARMUP_STEPS):
-                        self._step(static)
-                torch.cuda.current_stream(self.device).wait_stream(side)
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph):
+            side = torch.cuda.Stream(self.device)
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(side):
+                for _ in range(WARMUP_STEPS):
                     self._step(static)
+            torch.cuda.current_stream(self.device).wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with tensor_lr(self.optimizer, self.lrs), torch.cuda.graph(graph):
+                self._step(static)
             self.graphs[length] = graph
         except Exception as e:  # whatever the cause, training goes on without graphs rather than stop
             reason = (str(e).strip().splitlines() or [""])[0][:160]
