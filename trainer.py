@@ -388,12 +388,12 @@ def fit(model: nn.Module, train_ds: Dataset, val_ds: Dataset, loss_fn: LossFn, a
             train_step(batch)
             scheduler.step()
             if step % SYNC_EVERY == 0 or step == steps_per_epoch:
-                so_far = running.read()  # the only host synchronisation of the epoch
+                so_far = running.read()  # fit's only wait for the device within an epoch
                 if so_far["bad_step"]:
                     kept = (f"The last good checkpoint ({ckpt_path}, epoch {len(metrics['epochs'])}) is kept"
                             if metrics["epochs"] else "No epoch was completed, so no checkpoint was written")
-                    raise UserError(f"loss is {so_far['bad_loss']} at epoch {epoch} step {so_far['bad_step']}; stopped. "
-                                    f"{kept}: try a lower --lr")
+                    raise UserError(f"loss is {so_far['bad_loss']} at epoch {epoch} step {so_far['bad_step']}; "
+                                    f"stopped. {kept}: try a lower --lr")
                 bar.set_postfix(loss=f"{so_far['loss']:.4f}", acc=f"{so_far['acc']:.3f}")
         val = evaluate(model, val_ds, args.eval_batch_size, device, desc="dev")
         record = {"epoch": epoch, "train_loss": so_far["loss"], "train_acc": so_far["acc"],
