@@ -200,14 +200,14 @@ class FixedShapeStep:
         self.metrics.update(loss, logits, static.labels, (static.labels != IGNORE_INDEX).sum())
 
     def _capture(self, length: int, static: Batch) -> None:
-        saved = self._snapshot()
+        saved, stream = self._snapshot(), torch.cuda.current_stream(self.device)
         try:
             side = torch.cuda.Stream(self.device)
-            side.wait_stream(torch.cuda.current_stream(self.device))
+            side.wait_stream(stream)
             with torch.cuda.stream(side):
                 for _ in range(WARMUP_STEPS):
                     self._step(static)
-            torch.cuda.current_stream(self.device).wait_stream(side)
+            stream.wait_stream(side)
             graph = torch.cuda.CUDAGraph()
             with tensor_lr(self.optimizer, self.lrs), torch.cuda.graph(graph):
                 self._step(static)
@@ -218,6 +218,7 @@ class FixedShapeStep:
                   "training continues eagerly")
             self.capture = False
             self.graphs.clear()
+            torch.cuda.set_stream(stream)  # a failed capture_end leaves torch.cuda.graph's capture stream current
         self._restore(saved)
 
     def _snapshot(self) -> tuple:
