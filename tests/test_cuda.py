@@ -1,5 +1,7 @@
-"""The CUDA path: equivalence with transformers on the GPU, bf16 autocast, merge/unmerge, padding invariance.
-Skipped where there is no GPU (CI); bench/gpu_check.sh runs them on one."""
+"""The CUDA path: equivalence with transformers on the GPU, bf16 autocast, merge/unmerge, padding invariance,
+and train_lora.py --cuda_graphs (train_step.FixedShapeStep): the graphed step against the eager one, dropout
+under replay, the fallback when a capture fails. Skipped where there is no GPU (CI); bench/gpu_check.sh runs
+them on one."""
 
 from __future__ import annotations
 
