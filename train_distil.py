@@ -103,7 +103,7 @@ def train(args: argparse.Namespace) -> dict:
     if args.mode == "distil":
         train_set = augment(train_set, args.augment, args.seed)
         logits = teacher_logits(args.teacher, {"train": train_set, "dev": data["dev"]}, args.cache_dir,
-                                args.batch_size, device)
+                                args.eval_batch_size, device)
         loss_fn = make_kd_loss(logits["train"], args.temperature, args.alpha)
     else:
         loss_fn = lambda out, batch: F.cross_entropy(out, batch.labels)  # noqa: E731
@@ -119,9 +119,9 @@ def train(args: argparse.Namespace) -> dict:
     config["data"] = sample_record(data)
     metrics = fit(student, train_set, data["dev"], loss_fn, args, config, args.mode, save_best)
     student.load_state_dict(load_file(str(out_dir / STUDENT_WEIGHTS)))  # the best epoch, not the last
-    report_ood(metrics, student, data["ood_dev"], args.batch_size, device, out_dir)
+    report_ood(metrics, student, data["ood_dev"], args.eval_batch_size, device, out_dir)
     if args.mode == "distil":
-        metrics["teacher_agreement_dev"] = agreement(student, data["dev"], logits["dev"], args.batch_size, device)
+        metrics["teacher_agreement_dev"] = agreement(student, data["dev"], logits["dev"], args.eval_batch_size, device)
         print(f"student agrees with the teacher on {metrics['teacher_agreement_dev']:.1%} of dev")
     write_json(out_dir / METRICS, metrics)
     compare_runs(args, out_dir)

@@ -37,6 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dropout", type=dropout_float, default=0.0, help="GPT-2's own dropout (0 when fine-tuning)")
     g.add_argument("--export_peft", default=None, metavar="DIR",
                    help="also write the best adapter in PEFT's format to DIR (default: not written)")
+    g.add_argument("--cuda_graphs", action="store_true",
+                   help="opt-in, CUDA only: fixed-shape training step, one CUDA graph per length bucket, frozen "
+                        "weights in bf16 (train_step.py); ignored elsewhere")
     add_common_args(p, out_dir="runs/lora", epochs=10, lr=4e-4, batch_size=32, weight_decay=0.01, warmup_ratio=0.06)
     return p
 
@@ -61,11 +64,13 @@ def train(args: argparse.Namespace) -> dict:
                       "n_classes": c.n_classes}
     print(f"train {len(data['train'])} sentences, dev {len(data['dev'])}, out-of-domain dev {len(data['ood_dev'])}; "
           f"device {device}")
+    config = {**run_config(args), "data": sample_record(data)}
     metrics = fit(model, data["train"], data["dev"], lambda logits, batch: F.cross_entropy(logits, batch.labels),
-                  args, {**run_config(args), "data": sample_record(data)}, "lora", lambda: save_adapter(model, args.out_dir, adapter_config))
+                  args, config, "lora", lambda: save_adapter(model, args.out_dir, adapter_config),
+                  cuda_graphs=args.cuda_graphs)
 
     load_adapter(model, args.out_dir)  # the best epoch, not the last
-    report_ood(metrics, model, data["ood_dev"], args.batch_size, device, Path(args.out_dir))
+    report_ood(metrics, model, data["ood_dev"], args.eval_batch_size, device, Path(args.out_dir))
     write_json(Path(args.out_dir) / "metrics.json", metrics)
     if args.export_peft:
         export_peft(model, adapter_config, args.export_peft)

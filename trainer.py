@@ -23,10 +23,12 @@ from tqdm.auto import tqdm
 
 from data import Batch, Dataset, epoch_seed, iterate, num_batches
 from errors import UserError
+from train_step import EagerStep, FixedShapeStep, RunningMetrics, autocast
 
 CHECKPOINT = "checkpoint.safetensors"
 METRICS = "metrics.json"
 PREDICTIONS = "predictions.json"
+SYNC_EVERY = 50  # steps between reads of the device-side metrics (progress bar, non-finite loss check)
 LossFn = Callable[[torch.Tensor, Batch], torch.Tensor]
 
 
@@ -130,6 +132,8 @@ def add_common_args(p: argparse.ArgumentParser, *, out_dir: str, epochs: int, lr
     g.add_argument("--epochs", type=positive_int, default=epochs, help="passes over the training set")
     g.add_argument("--lr", type=positive_float, default=lr, help="peak learning rate (AdamW)")
     g.add_argument("--batch_size", type=positive_int, default=batch_size, help="sentences per step")
+    g.add_argument("--eval_batch_size", type=positive_int, default=256,
+                   help="batch size of forward-only passes: dev evaluation (and the teacher pass)")
     g.add_argument("--weight_decay", type=nonneg_float, default=weight_decay,
                    help="AdamW's, on weight matrices (not on biases, norms or embeddings)")
     g.add_argument("--warmup_ratio", type=unit_float, default=warmup_ratio,
@@ -218,13 +222,9 @@ def print_outputs(**files: list[Path]) -> None:
 
 def run_config(args: argparse.Namespace) -> dict:
     """The flags that define a run's results (recorded in metrics.json, compared on --resume)."""
-    skip = {"resume", "overwrite", "device", "compile", "out_dir", "plots_dir", "data_dir", "export_peft"}
+    skip = {"resume", "overwrite", "cuda_graphs", "eval_batch_size", "device", "compile", "out_dir", "plots_dir",
+            "data_dir", "export_peft"}
     return json.loads(json.dumps({k: v for k, v in vars(args).items() if k not in skip}))
-
-
-def autocast(device: torch.device):
-    """bf16 autocast on CUDA; full precision elsewhere (CPU bf16 is slower for these shapes)."""
-    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
 
 
 # ---------------------------------------------------------------- metrics
@@ -254,20 +254,20 @@ def describe(stats: dict, majority_acc: float) -> str:
 @torch.no_grad()
 def predict_logits(model: nn.Module, ds: Dataset, batch_size: int, device: torch.device,
                    desc: str | None = None) -> torch.Tensor:
-    """Logits (N, n_classes) in float32, in dataset order."""
+    """Logits (N, n_classes) in float32, in dataset order; gathered on the device, copied back once."""
     was_training = model.training
     model.eval()
-    out = torch.empty(len(ds), 0)
+    out = None
     for batch in tqdm(iterate(ds, batch_size, shuffle=False), total=num_batches(ds, batch_size), desc=desc,
                       leave=False, disable=desc is None):
         batch = batch.to(device)
         with autocast(device):
-            logits = model.classify(batch.ids, batch.lengths).float().cpu()
-        if out.size(1) == 0:
-            out = torch.empty(len(ds), logits.size(1))
-        out[batch.index.cpu()] = logits
+            logits = model.classify(batch.ids, batch.lengths).float()  # (B, n_classes)
+        if out is None:
+            out = logits.new_empty(len(ds), logits.size(1))
+        out[batch.index] = logits
     model.train(was_training)
-    return out
+    return out.cpu()
 
 
 def evaluate(model: nn.Module, ds: Dataset, batch_size: int, device: torch.device, desc: str | None = None) -> dict:
@@ -347,12 +347,14 @@ def warmup_linear(total_steps: int, warmup_ratio: float) -> Callable[[int], floa
 
 
 def fit(model: nn.Module, train_ds: Dataset, val_ds: Dataset, loss_fn: LossFn, args: argparse.Namespace,
-        config: dict, run_name: str, save_best: Callable[[], None]) -> dict:
+        config: dict, run_name: str, save_best: Callable[[], None], cuda_graphs: bool = False) -> dict:
     """Train for args.epochs, evaluating on val_ds after each epoch.
 
-    After every epoch: metrics.json, the curves (report.plot_curves), save_best() and the dev predictions if
-    dev MCC improved, and a resumable checkpoint (trainable weights, optimizer, scheduler, RNG). Returns the
-    metrics dict.
+    No step waits for the device: loss, accuracy and the first non-finite loss are summed there and read every
+    SYNC_EVERY steps. cuda_graphs: the fixed-shape step (train_step.FixedShapeStep), graphed on CUDA; its loss
+    must ignore label -100. After every epoch: metrics.json, the curves (report.plot_curves), save_best() and the
+    dev predictions if dev MCC improved, and a resumable checkpoint (trainable weights, optimizer, scheduler,
+    RNG). Returns the metrics dict.
     """
     from report import plot_curves  # here, not at the top: report.py imports this module
     device = next(model.parameters()).device
@@ -381,35 +383,35 @@ def fit(model: nn.Module, train_ds: Dataset, val_ds: Dataset, loss_fn: LossFn, a
         metrics = state["metrics"]
         print(f"resumed from {ckpt_path} after epoch {len(metrics['epochs'])}")
 
-    step_fn = torch.compile(model.classify, dynamic=True) if args.compile else model.classify
+    running = RunningMetrics(device)
+    if cuda_graphs and device.type == "cuda":
+        train_step = FixedShapeStep(model, loss_fn, optimizer, args.grad_clip, args.batch_size, running, device,
+                                    graphs=True)
+    else:
+        if cuda_graphs:
+            print(f"--cuda_graphs is ignored on {device.type} (CUDA only): training eagerly")
+        forward = torch.compile(model.classify, dynamic=True) if args.compile else model.classify
+        train_step = EagerStep(forward, loss_fn, optimizer, args.grad_clip, running, device)
     for epoch in range(len(metrics["epochs"]) + 1, args.epochs + 1):
         model.train()
         t0 = time.time()
-        loss_sum, seen, correct, labelled = 0.0, 0, 0, 0
-        bar = tqdm(iterate(train_ds, args.batch_size, shuffle=True, seed=epoch_seed(args.seed, epoch)), total=steps_per_epoch,
+        running.reset()
+        batches = iterate(train_ds, args.batch_size, shuffle=True, seed=epoch_seed(args.seed, epoch))
+        bar = tqdm(batches, total=steps_per_epoch,
                    desc=f"{run_name} epoch {epoch}/{args.epochs}", leave=False)
         for step, batch in enumerate(bar, start=1):
-            batch = batch.to(device)
-            with autocast(device):
-                logits = step_fn(batch.ids, batch.lengths).float()  # (B, n_classes)
-            loss = loss_fn(logits, batch)
-            if not torch.isfinite(loss):
-                kept = (f"The last good checkpoint ({ckpt_path}, epoch {len(metrics['epochs'])}) is kept"
-                        if metrics["epochs"] else "No epoch was completed, so no checkpoint was written")
-                raise UserError(f"loss is {loss.item()} at epoch {epoch} step {step}; stopped. {kept}: try a lower --lr")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if args.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(trainable.values(), args.grad_clip)
-            optimizer.step()
+            train_step(batch)
             scheduler.step()
-            loss_sum += loss.item() * batch.labels.size(0)
-            seen += batch.labels.size(0)
-            correct += int((logits.argmax(-1) == batch.labels).sum())  # unlabelled rows (-1) never count
-            labelled += int((batch.labels >= 0).sum())
-            bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{correct / max(labelled, 1):.3f}")
-        val = evaluate(model, val_ds, args.batch_size, device, desc="dev")
-        record = {"epoch": epoch, "train_loss": loss_sum / seen, "train_acc": correct / max(labelled, 1),
+            if step % SYNC_EVERY == 0 or step == steps_per_epoch:
+                so_far = running.read()  # fit's only wait for the device within an epoch
+                if so_far["bad_step"]:
+                    kept = (f"The last good checkpoint ({ckpt_path}, epoch {len(metrics['epochs'])}) is kept"
+                            if metrics["epochs"] else "No epoch was completed, so no checkpoint was written")
+                    raise UserError(f"loss is {so_far['bad_loss']} at epoch {epoch} step {so_far['bad_step']}; "
+                                    f"stopped. {kept}: try a lower --lr")
+                bar.set_postfix(loss=f"{so_far['loss']:.4f}", acc=f"{so_far['acc']:.3f}")
+        val = evaluate(model, val_ds, args.eval_batch_size, device, desc="dev")
+        record = {"epoch": epoch, "train_loss": so_far["loss"], "train_acc": so_far["acc"],
                   "val_loss": val["loss"], "val_acc": val["acc"], "val_mcc": val["mcc"],
                   "val_pos_rate": val["pos_rate"], "val_collapsed": val["collapsed"],
                   "lr": scheduler.get_last_lr()[0]}

@@ -32,6 +32,7 @@ import torch.nn.functional as F  # noqa: E402
 from data import PAD_TOKEN, Batch, iterate, load_cola  # noqa: E402
 from lora import TARGETS, inject_lora, lora_modules  # noqa: E402
 from model import GPT  # noqa: E402
+from train_step import FixedShapeStep, RunningMetrics, bucket_length  # noqa: E402
 from trainer import make_optimizer  # noqa: E402
 
 # (n_layer, n_head, n_embd); the vocabulary and context stay GPT-2's, since the batches are real CoLA tokens.
@@ -200,6 +201,27 @@ class Side:
             return self.forward(batch).float()
 
 
+class GraphedSide:
+    """Ours as train_lora.py --cuda_graphs trains it: train_step.FixedShapeStep (fixed shapes, one CUDA graph per
+    length bucket, frozen weights in bf16), fed CPU batches as trainer.fit feeds it (the copy to the device,
+    one pinned buffer a step, is timed; the other sides get their batches already on the device)."""
+
+    def __init__(self, name: str, model: nn.Module, device: torch.device, lr: float, batch_size: int,
+                 batches: list[Batch]):
+        self.name, self.model = name, model
+        self.opt = make_optimizer(model, lr, weight_decay=0.01)
+        self.step = FixedShapeStep(model, lambda logits, b: F.cross_entropy(logits, b.labels), self.opt, 1.0,
+                                   batch_size, RunningMetrics(device), device, graphs=True)
+        self.on_host = {id(b): Batch(*(t.cpu() for t in (b.ids, b.lengths, b.labels, b.index))) for b in batches}
+
+    def train_step(self, batch: Batch) -> None:
+        self.step(self.on_host[id(batch)])
+
+    def padded_tokens(self, batches: list[Batch]) -> int:
+        """What it computes: batch_size rows of the bucket's length, whatever the batch."""
+        return sum(self.step.batch_size * bucket_length(b.ids.size(1), self.step.buckets) for b in batches)
+
+
 def num_trainable(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
@@ -221,6 +243,34 @@ def real_tokens(batches: list[Batch]) -> int:
 
 def padded_tokens(batches: list[Batch]) -> int:
     return sum(b.ids.numel() for b in batches)
+
+
+# ---------------------------------------------------------------- model FLOPs utilisation
+
+# Dense (no sparsity) bf16 tensor-core peaks from NVIDIA's datasheets, first match of the device name wins. An
+# H100 or H200 whose name says neither PCIe nor NVL is taken to be the SXM part (989 TFLOP/s).
+BF16_PEAK_FLOPS = [("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H200 NVL", 835e12), ("H100", 989e12),
+                   ("H200", 989e12), ("A100", 312e12)]
+
+
+def bf16_peak(device: torch.device) -> tuple[str, float] | None:
+    """(device name, its bf16 dense peak FLOP/s), or None where it is not known (and on CPU)."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next(((name, peak) for key, peak in BF16_PEAK_FLOPS if key in name), None)
+
+
+def train_flops_per_token(model: GPT, seq_len: float) -> float:
+    """Model FLOPs of one LoRA training step per token, the same for both sides (what the model needs, not what
+    an implementation computes): the forward (2 per multiply-add of every block's linear layers, plus
+    attention's QK^T and AV over seq_len positions), the backward to the inputs (as much again: frozen weights
+    get no gradient), and LoRA's A and B (forward, input and weight gradients: 6 per parameter)."""
+    c = model.config
+    frozen = sum(m.weight.numel() for m in model.transformer.h.modules() if isinstance(m, nn.Linear))
+    lora = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
+    attention = 4 * c.n_layer * c.n_embd * seq_len
+    return 2 * (2 * frozen + attention) + 6 * lora
 
 
 def timed(fn, batches: list[Batch], device: torch.device) -> float:

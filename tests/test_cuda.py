@@ -1,17 +1,22 @@
-"""The CUDA path: equivalence with transformers on the GPU, bf16 autocast, merge/unmerge, padding invariance.
-Skipped where there is no GPU (CI); bench/gpu_check.sh runs them on one."""
+"""The CUDA path: equivalence with transformers on the GPU, bf16 autocast, merge/unmerge, padding invariance,
+and train_lora.py --cuda_graphs (train_step.FixedShapeStep): the graphed step against the eager one, dropout
+under replay, the fallback when a capture fails. Skipped where there is no GPU (CI); bench/gpu_check.sh runs
+them on one."""
 
 from __future__ import annotations
+
+import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from conftest import make_gpt2_checkpoint
-from data import collate
+from data import Dataset, collate, iterate
 from lora import inject_lora, lora_modules, merge_lora, unmerge_lora
 from model import GPT, DistilRNN
-from trainer import autocast
+from train_step import EagerStep, FixedShapeStep, RunningMetrics, bucket_length
+from trainer import autocast, make_optimizer, warmup_linear
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 CUDA = torch.device("cuda")
@@ -88,3 +93,91 @@ def test_rnn_padding_invariance_on_gpu(cola):
         a = m.classify(alone.ids, alone.lengths)[0]
         b = m.classify(padded.ids, padded.lengths)[1]
     torch.testing.assert_close(b, a, atol=1e-5, rtol=0)
+
+
+# ---------------------------------------------------------------- train_lora.py --cuda_graphs (train_step.py)
+
+def _lora_model(ckpt, dropout: float = 0.0) -> GPT:
+    torch.manual_seed(0)
+    model = GPT.from_pretrained(str(ckpt))
+    inject_lora(model, 8, 16.0, dropout)
+    for m in lora_modules(model).values():
+        torch.nn.init.normal_(m.lora_B, std=0.02)
+    return model.to(CUDA).train()
+
+
+def _losses(step, optimizer, batches, schedule: bool = True) -> list[float]:
+    """Each step's loss, read back after the step (a test may synchronise; fit does not)."""
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, warmup_linear(len(batches), 0.2) if schedule else lambda step: 1.0)
+    out = []
+    for b in batches:
+        step.metrics.reset()
+        step(b)
+        scheduler.step()
+        out.append(step.metrics.read()["loss"])
+    return out
+
+
+def _batches(cola, n: int = 12):
+    """n CoLA training batches over at least two length buckets, one of them short (8 rows)."""
+    tr = cola["train"]
+    rows = 32 * (n - 1) + 8
+    batches = list(iterate(Dataset("t", tr.sentences[:rows], tr.ids[:rows], tr.labels[:rows]), 32, True, seed=1))
+    assert len({bucket_length(b.ids.size(1)) for b in batches}) >= 2
+    assert min(len(b.labels) for b in batches) == 8
+    return batches
+
+
+def _ce(logits, batch):
+    return F.cross_entropy(logits, batch.labels)
+
+
+def test_graphed_steps_match_eager_steps_in_bf16(gpt2_shape, cola, capsys):
+    """N steps of --cuda_graphs (graphs, bf16 frozen weights, fused AdamW with a tensor lr) and of the default
+    eager step, from the same start on the same batches: the same losses within bf16 tolerance."""
+    batches = _batches(cola)
+    eager_model, graph_model = _lora_model(gpt2_shape), _lora_model(gpt2_shape)
+    opt_e, opt_g = make_optimizer(eager_model, 4e-4, 0.01), make_optimizer(graph_model, 4e-4, 0.01)
+    eager = EagerStep(eager_model.classify, _ce, opt_e, 1.0, RunningMetrics(CUDA), CUDA)
+    graphed = FixedShapeStep(graph_model, _ce, opt_g, 1.0, 32, RunningMetrics(CUDA), CUDA, graphs=True)
+    le, lg = _losses(eager, opt_e, batches), _losses(graphed, opt_g, batches)
+    assert "capturing" not in capsys.readouterr().out  # no fallback happened
+    assert len(graphed.graphs) >= 2  # one graph per length bucket seen
+    assert graph_model.transformer.h[0].attn.c_attn.weight.dtype == torch.bfloat16
+    assert graph_model.transformer.h[0].attn.c_attn.lora_A.dtype == torch.float32
+    assert all(math.isfinite(x) for x in lg)
+    for a, b in zip(lg, le):
+        assert abs(a - b) < 2e-2 + 2e-2 * abs(b), (lg, le)
+
+
+def test_graphed_step_trains_with_lora_dropout(gpt2_shape, cola):
+    """Dropout under replay draws new masks each step (the default CUDA generator is registered by every
+    capture): it fits a fixed batch, as test_bf16_autocast_classify_is_close_to_fp32_and_trains does eagerly."""
+    model = _lora_model(gpt2_shape, dropout=0.1)
+    opt = make_optimizer(model, 1e-3, 0.0)
+    step = FixedShapeStep(model, _ce, opt, 0.0, 32, RunningMetrics(CUDA), CUDA, graphs=True)
+    batch = collate(cola["dev"], list(range(32)))
+    losses = _losses(step, opt, [batch] * 20, schedule=False)
+    assert len(step.graphs) == 1 and losses[-1] < 0.5 * losses[0], losses
+
+
+def test_capture_failure_falls_back_to_eager_with_one_line(gpt2_shape, cola, capsys):
+    """A loss that reads a value back to the host cannot be captured: one line says so, and the run goes on
+    eagerly with the same results as the eager step."""
+
+    def syncing_ce(logits, batch):
+        loss = F.cross_entropy(logits, batch.labels)
+        return loss + 0.0 * loss.item()  # .item() is illegal while a stream is being captured
+
+    batches = _batches(cola, n=6)
+    eager_model, fallback_model = _lora_model(gpt2_shape), _lora_model(gpt2_shape)
+    opt_e, opt_f = make_optimizer(eager_model, 4e-4, 0.01), make_optimizer(fallback_model, 4e-4, 0.01)
+    eager = EagerStep(eager_model.classify, _ce, opt_e, 1.0, RunningMetrics(CUDA), CUDA)
+    fallback = FixedShapeStep(fallback_model, syncing_ce, opt_f, 1.0, 32, RunningMetrics(CUDA), CUDA, graphs=True)
+    le, lf = _losses(eager, opt_e, batches), _losses(fallback, opt_f, batches)
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if "cuda_graphs" in ln]
+    assert len(lines) == 1 and "training continues eagerly" in lines[0], lines
+    assert not fallback.graphs and not fallback.capture
+    for a, b in zip(lf, le):
+        assert abs(a - b) < 2e-2 + 2e-2 * abs(b), (lf, le)

@@ -214,8 +214,8 @@ def subset(ds: Dataset, n: int) -> Dataset:
 
 def fit_args(tmp: Path, **kw) -> Namespace:
     return Namespace(**{**dict(out_dir=str(tmp / "out"), plots_dir=str(tmp / "plots"), epochs=3, lr=1e-3,
-                               batch_size=32, weight_decay=0.0, warmup_ratio=0.0, grad_clip=1.0, seed=0,
-                               resume=False, compile=False), **kw})
+                               batch_size=32, eval_batch_size=256, weight_decay=0.0, warmup_ratio=0.0, grad_clip=1.0,
+                               seed=0, resume=False, compile=False), **kw})
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])

@@ -1,0 +1,219 @@
+"""train_step.py on CPU: the fixed-shape step (the one --cuda_graphs captures on CUDA) computes what the eager
+step computes, pad rows weigh nothing, and the device-side running metrics equal the host-side loop's.
+The graphed CUDA path itself is tested in tests/test_cuda.py."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+from argparse import Namespace
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import ROOT
+from data import Dataset, collate, iterate
+from errors import UserError
+from lora import inject_lora, lora_modules
+from model import GPT, DistilRNN
+from train_step import (BUCKETS, IGNORE_INDEX, EagerStep, FixedShapeStep, RunningMetrics, bucket_length,
+                        pad_batch)
+from trainer import METRICS, SYNC_EVERY, fit, make_optimizer, warmup_linear
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def lora_gpt(tiny_gpt2: Path, seed: int = 0) -> GPT:
+    """The tiny GPT-2 with LoRA (no dropout: the fixed-shape step draws masks for pad rows too) and a random B,
+    so that the adapters contribute from the first step."""
+    torch.manual_seed(seed)
+    model = GPT.from_pretrained(str(tiny_gpt2))
+    inject_lora(model, 4, 8.0, dropout=0.0)
+    for m in lora_modules(model).values():
+        torch.nn.init.normal_(m.lora_B, std=0.1)
+    return model
+
+
+def cross_entropy(logits, batch):
+    return F.cross_entropy(logits, batch.labels)
+
+
+def subset(ds: Dataset, n: int) -> Dataset:
+    return Dataset(ds.name, ds.sentences[:n], ds.ids[:n], ds.labels[:n])
+
+
+def test_bucket_length():
+    assert [bucket_length(t) for t in (1, 8, 9, 12, 13, 45, 64)] == [8, 8, 12, 12, 16, 48, 64]
+    assert bucket_length(65) == 128 and bucket_length(1000) == 1024  # past the buckets: multiples of the last
+
+
+def test_padding_to_a_fixed_shape_leaves_real_logits_and_loss_unchanged(tiny_gpt2, cola, one_thread):
+    model = lora_gpt(tiny_gpt2).eval()
+    train = cola["train"]
+    rows = list(range(40, 60))  # 20 sentences of mixed lengths
+    batch = collate(train, rows)
+    length = bucket_length(batch.ids.size(1))
+    padded = pad_batch(batch, 32, length + 8)  # longer than its bucket, and 12 pad rows
+    assert padded.ids.shape == (32, length + 8) and (padded.labels[20:] == IGNORE_INDEX).all()
+    with torch.no_grad():
+        logits = model.classify(batch.ids, batch.lengths)  # (20, 2)
+        logits_padded = model.classify(padded.ids, padded.lengths)  # (32, 2)
+    torch.testing.assert_close(logits_padded[:20], logits, atol=1e-5, rtol=1e-5)
+    loss, loss_padded = cross_entropy(logits, batch), cross_entropy(logits_padded, padded)
+    torch.testing.assert_close(loss_padded, loss, atol=1e-6, rtol=1e-6)
+    assert not torch.allclose(logits_padded[20:], torch.zeros(12, 2))  # pad rows do compute something
+
+
+def run_steps(step, model, optimizer, batches) -> tuple[list[float], list[torch.Tensor]]:
+    """Each batch's loss (read back after every step, as a test may) and the trainable weights at the end."""
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_linear(len(batches), 0.3))
+    losses = []
+    for batch in batches:
+        step.metrics.reset()
+        step(batch)
+        scheduler.step()
+        losses.append(step.metrics.read()["loss"])
+    return losses, [p.detach().clone() for p in model.parameters() if p.requires_grad]
+
+
+def test_fixed_shape_steps_equal_eager_steps(tiny_gpt2, cola, one_thread):
+    """The same start, the same batches (one a short last batch, lengths in several buckets): the fixed-shape
+    step, run eagerly as on CPU, gives the eager step's losses and weights to fp32 rounding."""
+    batches = list(iterate(subset(cola["train"], 200), 32, shuffle=True, seed=3))  # 6 full batches, 1 of 8
+    assert min(len(b.labels) for b in batches) == 8
+    assert len({bucket_length(b.ids.size(1)) for b in batches}) >= 2
+    runs = {}
+    for kind in ("eager", "fixed"):
+        model = lora_gpt(tiny_gpt2).train()
+        optimizer = make_optimizer(model, 1e-2, 0.01)
+        metrics = RunningMetrics(CPU)
+        step = (EagerStep(model.classify, cross_entropy, optimizer, 1.0, metrics, CPU) if kind == "eager" else
+                FixedShapeStep(model, cross_entropy, optimizer, 1.0, 32, metrics, CPU, graphs=True))
+        runs[kind] = run_steps(step, model, optimizer, batches)
+    (eager_losses, eager_weights), (fixed_losses, fixed_weights) = runs["eager"], runs["fixed"]
+    assert fixed_losses == pytest.approx(eager_losses, rel=1e-5, abs=1e-6)
+    assert eager_losses[-1] != pytest.approx(eager_losses[0], rel=1e-3)  # it trained
+    for a, b in zip(fixed_weights, eager_weights):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    start = [p for p in lora_gpt(tiny_gpt2).parameters() if p.requires_grad]
+    assert any(not torch.allclose(a, s) for a, s in zip(eager_weights, start))
+
+
+def test_capture_warmup_is_undone(tiny_gpt2, cola, one_thread):
+    """Before a capture FixedShapeStep runs warm-up steps (they create AdamW's state), then puts back the weights,
+    optimizer state and metrics: done here eagerly, the run that follows is bit-identical to one without."""
+    batches = list(iterate(subset(cola["train"], 96), 32, shuffle=True, seed=5))
+    runs = []
+    for warm_up in (False, True):
+        model = lora_gpt(tiny_gpt2).train()
+        optimizer = make_optimizer(model, 1e-2, 0.01)
+        step = FixedShapeStep(model, cross_entropy, optimizer, 1.0, 32, RunningMetrics(CPU), CPU, graphs=False)
+        if warm_up:
+            saved = step._snapshot()
+            for _ in range(3):
+                step(batches[-1])
+            assert optimizer.state and step.metrics.read()["bad_step"] == 0
+            step._restore(saved)
+        runs.append(run_steps(step, model, optimizer, batches))
+    assert runs[0][0] == runs[1][0]
+    assert all(torch.equal(a, b) for a, b in zip(runs[0][1], runs[1][1]))
+
+
+def test_running_metrics_equal_the_host_side_loop():
+    """Random logits and labels, some rows unlabelled (-1, distillation's augmented sentences), a padded batch
+    with IGNORE_INDEX rows, and a non-finite loss at step 4 then another at step 6."""
+    g = torch.Generator().manual_seed(0)
+    metrics = RunningMetrics(CPU)
+    loss_sum, seen, correct, labelled = 0.0, 0, 0, 0  # what fit computed on the host before
+    for step in range(1, 8):
+        B = 32 if step < 7 else 11
+        logits = torch.randn(B, 2, generator=g)
+        labels = torch.randint(-1, 2, (B,), generator=g)
+        loss = F.cross_entropy(logits, labels.clamp(min=0))
+        if step in (4, 6):
+            loss = loss * (math.nan if step == 4 else math.inf)
+        if step == 7:  # the short last batch, padded as FixedShapeStep pads it
+            padded_labels = torch.cat([labels, torch.full((21,), IGNORE_INDEX)])
+            padded_logits = torch.cat([logits, torch.randn(21, 2, generator=g)])
+            metrics.update(loss, padded_logits, padded_labels, (padded_labels != IGNORE_INDEX).sum())
+        else:
+            metrics.update(loss, logits, labels, B)
+        loss_sum += loss.item() * B
+        seen += B
+        correct += int((logits.argmax(-1) == labels).sum())
+        labelled += int((labels >= 0).sum())
+        if step == 3:
+            read = metrics.read()
+            assert read["loss"] == loss_sum / seen and read["acc"] == correct / labelled and read["bad_step"] == 0
+    read = metrics.read()
+    assert math.isnan(read["loss"]) and math.isnan(loss_sum)
+    assert read["acc"] == correct / labelled
+    assert read["bad_step"] == 4 and math.isnan(read["bad_loss"])
+    metrics.reset()
+    assert metrics.read() == {"loss": 0.0, "acc": 0.0, "bad_step": 0, "bad_loss": 0.0}
+
+
+def test_non_finite_loss_mid_epoch_names_its_step_before_the_epoch_ends(cola, tmp_path, one_thread):
+    """The check reads the device every SYNC_EVERY steps: a NaN at step 2 of a longer epoch stops the run
+    by then, naming step 2, not the step at which it was read."""
+    steps = SYNC_EVERY + 10
+    train, dev = subset(cola["train"], 32 * steps), subset(cola["dev"], 32)
+    args = dict(out_dir=str(tmp_path / "out"), plots_dir=str(tmp_path / "plots"), epochs=1, lr=1e-3, batch_size=32,
+                eval_batch_size=256, weight_decay=0.0, warmup_ratio=0.0, grad_clip=1.0, seed=0, resume=False,
+                compile=False)
+    calls = []
+
+    def loss_fn(logits, batch):
+        calls.append(1)
+        loss = F.cross_entropy(logits, batch.labels)
+        return loss * math.nan if len(calls) == 2 else loss
+
+    torch.manual_seed(0)
+    with pytest.raises(UserError) as e:
+        fit(DistilRNN(embd_dim=8, hidden_size=8), train, dev, loss_fn, Namespace(**args),
+            {}, "rnn", lambda: None)
+    msg = str(e.value)
+    assert re.search(r"\bloss is nan at epoch 1 step 2\b", msg) and "No epoch was completed" in msg, msg
+    assert len(calls) == SYNC_EVERY < steps  # stopped at the first read, not at the end of the epoch
+
+
+def test_cuda_graphs_flag_without_cuda_is_one_line_and_changes_nothing(tiny_gpt2, cola_dir, tmp_path):
+    """On CPU --cuda_graphs says in one line that it is ignored; the run is the eager run, byte for byte."""
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: the flag is not ignored here")
+    env = {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "MPLBACKEND": "Agg"}
+    outs = {}
+    for flag in ("", "--cuda_graphs"):
+        out = tmp_path / (flag or "eager")
+        args = ["--gpt_variant", str(tiny_gpt2), "--data_dir", str(cola_dir), "--max_train_samples", "64",
+                "--max_eval_samples", "32", "--epochs", "1", "--lora_rank", "2", "--out_dir", str(out),
+                "--plots_dir", str(tmp_path / "plots"), "--device", "cpu", *([flag] if flag else [])]
+        r = subprocess.run([sys.executable, "train_lora.py", *args], cwd=ROOT, capture_output=True, text=True,
+                           env={**os.environ, **env}, timeout=300)
+        assert r.returncode == 0, r.stderr[-3000:]
+        outs[flag] = (out, r.stdout)
+    notes = [ln for ln in outs["--cuda_graphs"][1].splitlines() if "cuda_graphs" in ln]
+    assert notes == ["--cuda_graphs is ignored on cpu (CUDA only): training eagerly"]
+    assert "cuda_graphs" not in outs[""][1]
+    assert (outs[""][0] / METRICS).read_bytes() == (outs["--cuda_graphs"][0] / METRICS).read_bytes()
+    assert "cuda_graphs" not in json.loads((outs[""][0] / METRICS).read_text())["config"]
+
+
+def test_buckets_cover_cola_with_few_shapes(cola):
+    """Every CoLA training batch fits a bucket (no shape beyond them), in at most len(BUCKETS) graphs."""
+    lengths = {bucket_length(b.ids.size(1)) for b in iterate(cola["train"], 32, shuffle=True, seed=1)}
+    assert lengths <= set(BUCKETS)

@@ -1,0 +1,237 @@
+"""One optimisation step of trainer.fit (forward, loss, backward, clip, AdamW), two ways, and the running
+training metrics both keep on the device, so that an epoch never waits for the GPU.
+
+- EagerStep: any batch shape, on any device. The default.
+- FixedShapeStep (train_lora.py --cuda_graphs): the same step on fixed shapes: always `batch_size` rows, the
+  length rounded up to one of a few BUCKETS, the short batch padded with rows labelled IGNORE_INDEX, which the
+  loss and the metrics give zero weight. On CUDA each shape is captured once as a CUDA graph and then replayed:
+  one launch a step instead of ~3,000 kernels dispatched from Python, and the frozen base weights are stored in
+  bf16 so that autocast has nothing to re-cast. On CPU it runs eagerly, which is how its logic is tested.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Callable
+
+import torch
+import torch.nn as nn
+
+from data import PAD_TOKEN, Batch
+
+IGNORE_INDEX = -100  # label of pad rows: F.cross_entropy's default ignore_index, so they carry zero weight
+BUCKETS = (8, 12, 16, 24, 32, 48, 64)  # a CoLA epoch computes 1.27x its real tokens (1.07x padded to the longest)
+WARMUP_STEPS = 3  # eager steps on a side stream before a capture, as torch's CUDA-graph recipe asks
+LossFn = Callable[[torch.Tensor, Batch], torch.Tensor]
+
+
+def autocast(device: torch.device, cache: bool = True):
+    """bf16 autocast on CUDA; full precision elsewhere (CPU bf16 is slower for these shapes). Under CUDA-graph
+    capture autocast's cache of casted weights must be off (cache=False)."""
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda", cache_enabled=cache)
+
+
+class RunningMetrics:
+    """An epoch's training loss, accuracy and first non-finite loss, summed on the device. update() only
+    queues device work (it is captured into the CUDA graph too); read() waits for the device, so fit calls
+    it every few dozen steps and at the end of the epoch."""
+
+    LOSS, ROWS, CORRECT, LABELLED, STEPS, BAD_STEP, BAD_LOSS = range(7)
+
+    def __init__(self, device: torch.device):
+        # float64 counts are exact (MPS has no float64: float32 counts stay exact below 2^24 rows)
+        self.sums = torch.zeros(7, dtype=torch.float32 if device.type == "mps" else torch.float64, device=device)
+
+    def reset(self) -> None:
+        self.sums.zero_()
+
+    def update(self, loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor, rows: int | torch.Tensor) -> None:
+        """loss: the batch's mean loss (0-dim); logits (B, n_classes); labels (B,), negative for rows that
+        count in no accuracy (unlabelled -1, pad rows IGNORE_INDEX); rows: the batch's real rows."""
+        s, loss = self.sums, loss.detach().to(self.sums.dtype)
+        s[self.STEPS].add_(1)
+        first_bad = ~torch.isfinite(loss) & (s[self.BAD_STEP] == 0)
+        s[self.BAD_STEP] = torch.where(first_bad, s[self.STEPS], s[self.BAD_STEP])
+        s[self.BAD_LOSS] = torch.where(first_bad, loss, s[self.BAD_LOSS])
+        s[self.LOSS].add_(loss * rows)
+        s[self.ROWS].add_(rows)
+        s[self.CORRECT].add_((logits.argmax(-1) == labels).sum())  # a negative label never matches
+        s[self.LABELLED].add_((labels >= 0).sum())
+
+    def read(self) -> dict:
+        """{"loss", "acc"} so far this epoch, and the first non-finite loss: its step (1-based, 0 if none)
+        and value. One host synchronisation."""
+        loss, rows, correct, labelled, _, bad_step, bad_loss = self.sums.tolist()
+        return {"loss": loss / max(rows, 1), "acc": correct / max(labelled, 1), "bad_step": int(bad_step),
+                "bad_loss": bad_loss}
+
+
+class EagerStep:
+    """The step as PyTorch runs it op by op: any batch shape, any device."""
+
+    def __init__(self, forward: Callable, loss_fn: LossFn, optimizer: torch.optim.Optimizer, grad_clip: float,
+                 metrics: RunningMetrics, device: torch.device):
+        self.forward, self.loss_fn, self.optimizer, self.grad_clip = forward, loss_fn, optimizer, grad_clip
+        self.metrics, self.device = metrics, device
+        self.params = [p for g in optimizer.param_groups for p in g["params"]]
+
+    def __call__(self, batch: Batch) -> None:
+        batch = batch.to(self.device)
+        with autocast(self.device):
+            logits = self.forward(batch.ids, batch.lengths).float()  # (B, n_classes)
+        loss = self.loss_fn(logits, batch)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip)
+        self.optimizer.step()
+        self.metrics.update(loss, logits, batch.labels, batch.labels.size(0))
+
+
+def bucket_length(length: int, buckets: tuple[int, ...] = BUCKETS) -> int:
+    """The smallest bucket >= length; past the largest, the next multiple of it (GPT-2's 1024 positions are a
+    multiple of 64, so a real batch never pads beyond the block size)."""
+    for b in buckets:
+        if length <= b:
+            return b
+    return -(-length // buckets[-1]) * buckets[-1]
+
+
+def pad_batch(batch: Batch, batch_size: int, length: int) -> Batch:
+    """batch (B, T) padded to (batch_size, length): extra columns are PAD_TOKEN (right padding, causal
+    attention: no real token sees them), extra rows a one-token pad sentence labelled IGNORE_INDEX."""
+    B, T = batch.ids.shape
+    assert B <= batch_size and T <= length, (batch.ids.shape, batch_size, length)
+    ids = torch.full((batch_size, length), PAD_TOKEN, dtype=torch.long)
+    ids[:B, :T] = batch.ids
+    lengths = torch.ones(batch_size, dtype=torch.long)
+    labels = torch.full((batch_size,), IGNORE_INDEX, dtype=torch.long)
+    index = torch.zeros(batch_size, dtype=torch.long)
+    lengths[:B], labels[:B], index[:B] = batch.lengths, batch.labels, batch.index
+    return Batch(ids, lengths, labels, index)
+
+
+def frozen_to_bf16(model: nn.Module) -> None:
+    """Store the frozen weights and biases of every linear layer and of the token embedding in bf16, so autocast
+    stops re-casting them every step (most of the 821 copy kernels of a gpt2-medium step). LoRA's A and B, the
+    head, the LayerNorms and wpe stay fp32; fp32 wpe keeps the residual stream (wte + wpe) in fp32."""
+    for name, m in model.named_modules():
+        if isinstance(m, (nn.Linear, nn.Embedding)) and not name.endswith("wpe"):
+            for p in (m.weight, getattr(m, "bias", None)):
+                if p is not None and not p.requires_grad:
+                    p.data = p.data.to(torch.bfloat16)
+
+
+@contextmanager
+def tensor_lr(optimizer: torch.optim.Optimizer, lrs: list[torch.Tensor]):
+    """While capturing, AdamW (fused, capturable) reads each group's learning rate from a device tensor, which
+    FixedShapeStep refills from the scheduler's float before every replay; afterwards the groups hold floats
+    again, as LambdaLR and the JSON checkpoints expect."""
+    saved = [(g["lr"], g["capturable"]) for g in optimizer.param_groups]
+    for g, lr in zip(optimizer.param_groups, lrs):
+        lr.fill_(g["lr"])
+        g["lr"], g["capturable"] = lr, True
+    try:
+        yield
+    finally:
+        for g, (lr, capturable) in zip(optimizer.param_groups, saved):
+            g["lr"], g["capturable"] = lr, capturable
+
+
+class FixedShapeStep:
+    """The whole step on fixed shapes, one CUDA graph per length bucket (graphs=True, CUDA), or eagerly.
+
+    Each bucket has a static device buffer; a batch is padded on the CPU and copied into it, then the bucket's
+    graph is replayed. The first batch of a bucket captures its graph: WARMUP_STEPS eager steps on a side stream
+    (they allocate AdamW's state), then one captured step; the weights, optimizer state and metrics those steps
+    moved are put back, so capturing does not train. Gradients are allocated once, outside any graph, and zeroed
+    in place, so every graph and the optimizer share them. Dropout draws from the default CUDA generator,
+    which every capture registers (torch advances its offset by the graph's total at each replay). If a
+    capture fails, one line says so and training continues eagerly, on the same shapes.
+
+    The loss must give rows labelled IGNORE_INDEX zero weight (F.cross_entropy does by default). Pad rows go
+    through the model, so gradients are exactly those of the real rows: padding changes only the shapes.
+    """
+
+    def __init__(self, model: nn.Module, loss_fn: LossFn, optimizer: torch.optim.Optimizer, grad_clip: float,
+                 batch_size: int, metrics: RunningMetrics, device: torch.device, graphs: bool,
+                 buckets: tuple[int, ...] = BUCKETS):
+        self.model, self.loss_fn, self.optimizer, self.grad_clip = model, loss_fn, optimizer, grad_clip
+        self.batch_size, self.metrics, self.device, self.buckets = batch_size, metrics, device, buckets
+        self.capture = graphs and device.type == "cuda"
+        self.params = [p for g in optimizer.param_groups for p in g["params"]]
+        with torch.no_grad():
+            for p in self.params:
+                p.grad = torch.zeros_like(p)  # static: backward accumulates into it in place
+        self.buffers: dict[int, torch.Tensor] = {}  # bucket length -> (batch_size, length + 3) int64
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        if self.capture:
+            frozen_to_bf16(model)
+            self.lrs = [torch.zeros((), device=device) for _ in optimizer.param_groups]
+
+    def __call__(self, batch: Batch) -> None:
+        length = bucket_length(batch.ids.size(1), self.buckets)
+        p = pad_batch(batch, self.batch_size, length)
+        host = torch.cat([p.ids, p.lengths[:, None], p.labels[:, None], p.index[:, None]], dim=1)  # one copy
+        if length not in self.buffers:
+            self.buffers[length] = torch.empty_like(host, device=self.device)
+        buf = self.buffers[length]
+        buf.copy_(host.pin_memory() if self.capture else host, non_blocking=self.capture)
+        static = Batch(buf[:, :length], buf[:, length], buf[:, length + 1], buf[:, length + 2])
+        if self.capture and length not in self.graphs:
+            self._capture(length, static)
+        if length in self.graphs:
+            for lr, g in zip(self.lrs, self.optimizer.param_groups):
+                lr.fill_(g["lr"])
+            self.graphs[length].replay()
+        else:
+            self._step(static)
+
+    def _step(self, static: Batch) -> None:
+        """Device work only, nothing read back to the host: what a graph captures."""
+        with autocast(self.device, cache=False):
+            logits = self.model.classify(static.ids, static.lengths).float()  # (batch_size, n_classes)
+        loss = self.loss_fn(logits, static)
+        self.optimizer.zero_grad(set_to_none=False)
+        loss.backward()
+        if self.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip)
+        self.optimizer.step()
+        self.metrics.update(loss, logits, static.labels, (static.labels != IGNORE_INDEX).sum())
+
+    def _capture(self, length: int, static: Batch) -> None:
+        saved, stream = self._snapshot(), torch.cuda.current_stream(self.device)
+        try:
+            side = torch.cuda.Stream(self.device)
+            side.wait_stream(stream)
+            with torch.cuda.stream(side):
+                for _ in range(WARMUP_STEPS):
+                    self._step(static)
+            stream.wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with tensor_lr(self.optimizer, self.lrs), torch.cuda.graph(graph):
+                self._step(static)
+            self.graphs[length] = graph
+        except Exception as e:  # whatever the cause, training goes on without graphs rather than stop
+            reason = (str(e).strip().splitlines() or [""])[0][:160]
+            print(f"--cuda_graphs: capturing the {length}-token step failed ({type(e).__name__}: {reason}); "
+                  "training continues eagerly")
+            self.capture = False
+            self.graphs.clear()
+            torch.cuda.set_stream(stream)  # a failed capture_end leaves torch.cuda.graph's capture stream current
+        self._restore(saved)
+
+    def _snapshot(self) -> tuple:
+        state = {p: {k: v.clone() for k, v in self.optimizer.state[p].items()} for p in self.params
+                 if p in self.optimizer.state}
+        return [p.detach().clone() for p in self.params], state, self.metrics.sums.clone()
+
+    @torch.no_grad()
+    def _restore(self, saved: tuple) -> None:
+        params, state, sums = saved
+        for p, v in zip(self.params, params):
+            p.copy_(v)
+        for p in self.params:  # AdamW state the warm-up created starts from zero, as a fresh state does
+            for k, v in self.optimizer.state.get(p, {}).items():
+                v.copy_(state[p][k]) if p in state else v.zero_()
+        self.metrics.sums.copy_(sums)
