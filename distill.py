@@ -42,10 +42,14 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: 
 
 
 def make_kd_loss(teacher_logits: torch.Tensor, temperature: float, alpha: float):
-    """The training loss for trainer.fit: looks up each row's cached teacher logits by its dataset index."""
+    """The training loss for trainer.fit: looks up each row's cached teacher logits by its dataset index. The
+    table is copied to the student's device once, at its first batch, not every step."""
+    table = {}
+
     def loss_fn(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
-        t = teacher_logits.to(logits.device)[batch.index]
-        return kd_loss(logits, t, batch.labels, temperature, alpha)
+        if logits.device not in table:
+            table[logits.device] = teacher_logits.to(logits.device)  # (N, n_classes)
+        return kd_loss(logits, table[logits.device][batch.index], batch.labels, temperature, alpha)
     return loss_fn
 
 
