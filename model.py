@@ -132,6 +132,8 @@ class GPT(nn.Module):
         self.lm_head.weight = self.transformer.wte.weight  # weight tying, as in GPT-2
         # Named and shaped like transformers' GPT2ForSequenceClassification.score, so adapters export to PEFT.
         self.score = nn.Linear(config.n_embd, config.n_classes, bias=False)
+        if self.score.weight.is_meta:
+            return  # from_pretrained: the checkpoint provides the weights
         self.apply(self._init_weights)
         for name, p in self.named_parameters():  # GPT-2's scaled init of the residual projections
             if name.endswith("c_proj.weight"):
