@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import math
-import pickle
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -327,7 +326,6 @@ def read_weights(files: list[Path]) -> dict[str, torch.Tensor]:
     """Every tensor in the checkpoint's weight files, read once. safetensors maps the file (copy-on-write:
     writing a weight never changes the file); a pytorch_model.bin is unpickled with weights_only, and mapped
     likewise when it is in torch's zip format."""
-    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     sd: dict[str, torch.Tensor] = {}
@@ -337,7 +335,7 @@ def read_weights(files: list[Path]) -> dict[str, torch.Tensor]:
                 part = load_file(str(f))
             else:
                 part = torch.load(f, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(f))
-        except (SafetensorError, OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as e:
+        except Exception as e:  # a file that is no checkpoint fails in many ways: safetensors, zip, unpickling, I/O
             raise UserError(f"{f} could not be read as a checkpoint ({first_line(e)})") from None
         if not isinstance(part, dict):
             raise UserError(f"{f} holds a {type(part).__name__}, not a state dict of tensors")
