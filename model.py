@@ -31,7 +31,7 @@ HUB_VARIANTS = {
     "gpt2-xl": (48, 25, 1600),
 }
 EOT_TOKEN = 50256  # <|endoftext|>; also our padding token (right padding never reaches a real token)
-DEFAULT_VARIANT = "gpt2-medium"
+DEFAULT_VARIANT = "gpt2-medium"  # the base train_distil.py falls back to; train_lora.py's --gpt_variant default too
 # HF GPT-2 Conv1D weights are (in, out); ours are nn.Linear (out, in).
 CONV1D_SUFFIXES = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 # Where a checkpoint keeps its weights, by preference; each may also be sharded, listed in NAME.index.json.
@@ -284,7 +284,7 @@ def hub_files(name: str) -> tuple[Path, list[Path]]:
     network), otherwise downloaded once one short request has shown the hub reachable. huggingface_hub
     alone would retry an unreachable hub for about a minute before failing."""
     from huggingface_hub import constants, get_hf_file_metadata, hf_hub_download, hf_hub_url, try_to_load_from_cache
-    from huggingface_hub.errors import EntryNotFoundError
+    from huggingface_hub.utils import EntryNotFoundError
 
     def cached(filename: str) -> Path | None:
         found = try_to_load_from_cache(name, filename)
@@ -293,7 +293,7 @@ def hub_files(name: str) -> tuple[Path, list[Path]]:
     config, weights = cached("config.json"), next(filter(None, map(cached, WEIGHT_FILES)), None)
     if config and weights:
         return config, [weights]
-    if constants.is_offline_mode():
+    if constants.HF_HUB_OFFLINE:
         raise hub_error(name, "it is not in the Hugging Face cache, and HF_HUB_OFFLINE is set")
     try:
         get_hf_file_metadata(hf_hub_url(name, "config.json"), timeout=HUB_TIMEOUT)  # one request, no retries
