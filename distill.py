@@ -125,9 +125,12 @@ def cache_key(teacher_key: str, ds: Dataset, device: torch.device) -> str:
 
 
 def teacher_logits(teacher_dir: str | Path, datasets: dict[str, Dataset], cache_dir: str | Path, batch_size: int,
-                   device: torch.device) -> dict[str, torch.Tensor]:
+                   device: torch.device, base: nn.Module | None = None) -> dict[str, torch.Tensor]:
     """Teacher logits (N, n_classes) for each dataset: from the cache when the teacher and data match,
-    otherwise one no_grad forward pass per sentence, then written to the cache."""
+    otherwise one no_grad forward pass per sentence, then written to the cache.
+
+    `base`, the teacher's base GPT-2 if the caller has it loaded already, becomes the teacher on a cache miss
+    (see lora.build_lora_classifier) instead of a second copy being loaded."""
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
     teacher_key = teacher_fingerprint(teacher_dir)
@@ -136,7 +139,7 @@ def teacher_logits(teacher_dir: str | Path, datasets: dict[str, Dataset], cache_
     missing = [name for name in datasets if name not in out]
     if missing:
         with torch.random.fork_rng(devices=[]):  # its random inits must not shift the run's RNG: a cache hit
-            teacher, _ = build_lora_classifier(teacher_dir)  # and a miss give the student the same dropout
+            teacher, _ = build_lora_classifier(teacher_dir, base)  # and a miss give the student the same dropout
         teacher.to(device)
         for name in missing:
             out[name] = predict_logits(teacher, datasets[name], batch_size, device, desc=f"teacher on {name}")

@@ -67,24 +67,34 @@ class LoRALinear(nn.Linear):
         self.scaling = alpha / math.sqrt(r) if rslora else alpha / r
         self.lora_dropout = nn.Dropout(dropout)
         self.lora_A = nn.Parameter(torch.empty(r, in_features))
-        self.lora_B = nn.Parameter(torch.zeros(out_features, r))
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # as nn.Linear, loralib and PEFT
+        self.lora_B = nn.Parameter(torch.empty(out_features, r))
+        self.reset_lora_parameters()
         self.weight.requires_grad_(False)
         if self.bias is not None:
             self.bias.requires_grad_(False)
         self.merged = False
 
+    def reset_lora_parameters(self) -> None:
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # as nn.Linear, loralib and PEFT
+        nn.init.zeros_(self.lora_B)
+
     @classmethod
     def from_linear(cls, linear: nn.Linear, r: int, alpha: float, dropout: float = 0.0,
                     rslora: bool = False) -> LoRALinear:
-        """Wrap an existing layer, sharing (not copying) its frozen weight and bias."""
-        lora = cls(linear.in_features, linear.out_features, r, alpha, dropout, rslora, bias=linear.bias is not None)
-        lora.to(device=linear.weight.device, dtype=linear.weight.dtype)
-        lora.weight = linear.weight
-        lora.bias = linear.bias
+        """Wrap an existing layer, sharing (not copying) its frozen weight and bias.
+
+        The layer is built on the meta device, so no full-size weight is allocated or randomly drawn only to
+        be replaced; A and B are then made where the weight lives, A drawn from the global RNG."""
+        with torch.device("meta"):
+            lora = cls(linear.in_features, linear.out_features, r, alpha, dropout, rslora, bias=linear.bias is not None)
+        lora.weight, lora.bias = linear.weight, linear.bias
         lora.weight.requires_grad_(False)
         if lora.bias is not None:
             lora.bias.requires_grad_(False)
+        like = dict(device=linear.weight.device, dtype=linear.weight.dtype)
+        lora.lora_A = nn.Parameter(torch.empty(r, linear.in_features, **like))  # (r, in)
+        lora.lora_B = nn.Parameter(torch.empty(linear.out_features, r, **like))  # (out, r)
+        lora.reset_lora_parameters()
         return lora
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -237,13 +247,16 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path) -> None:
             expected[k].copy_(v)
 
 
-def build_lora_classifier(adapter_dir: str | Path) -> tuple[nn.Module, dict]:
+def build_lora_classifier(adapter_dir: str | Path, base: nn.Module | None = None) -> tuple[nn.Module, dict]:
     """Rebuild a fine-tuned classifier from a train_lora.py output directory: the base GPT-2 named in its
-    adapter_config.json, LoRA injected the same way, and the saved adapter loaded. Mismatches are refused."""
+    adapter_config.json, LoRA injected the same way, and the saved adapter loaded. Mismatches are refused.
+
+    `base`: that GPT-2, already loaded by the caller (GPT.from_pretrained, no LoRA), so it is not loaded
+    twice; it becomes the classifier (LoRA is injected into it and its head replaced by the adapter's)."""
     from model import GPT
 
     cfg = read_adapter_config(adapter_dir)
-    model = GPT.from_pretrained(cfg["gpt_variant"], n_classes=cfg["n_classes"])
+    model = base if base is not None else GPT.from_pretrained(cfg["gpt_variant"], n_classes=cfg["n_classes"])
     got = {k: getattr(model.config, k) for k in ("n_layer", "n_head", "n_embd", "vocab_size")}
     want = {k: cfg[k] for k in got}
     if got != want:

@@ -2,7 +2,8 @@
 
 Module names match the Hugging Face GPT-2 state dict (transformer.wte, transformer.h.0.attn.c_attn, ...),
 so pretrained weights load key for key; the four Conv1D weights are transposed on load because HF stores
-them as (in, out) while nn.Linear stores (out, in).
+them as (in, out) while nn.Linear stores (out, in). Loading needs neither transformers nor a random init:
+the model is built on the meta device and the checkpoint's tensors become its parameters.
 
 Run it to generate text:  python model.py --gpt_variant gpt2 --prompt "The cat"
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,8 +31,16 @@ HUB_VARIANTS = {
     "gpt2-xl": (48, 25, 1600),
 }
 EOT_TOKEN = 50256  # <|endoftext|>; also our padding token (right padding never reaches a real token)
+DEFAULT_VARIANT = "gpt2-medium"  # the base train_distil.py falls back to; train_lora.py's --gpt_variant default too
 # HF GPT-2 Conv1D weights are (in, out); ours are nn.Linear (out, in).
 CONV1D_SUFFIXES = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+# Where a checkpoint keeps its weights, by preference; each may also be sharded, listed in NAME.index.json.
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+# transformers' GPT2Config defaults, for the keys a config.json leaves out.
+GPT2_DEFAULTS = dict(n_positions=1024, vocab_size=50257, n_layer=12, n_head=12, n_embd=768, layer_norm_epsilon=1e-5,
+                     activation_function="gelu_new", scale_attn_weights=True, scale_attn_by_inverse_layer_idx=False,
+                     reorder_and_upcast_attn=False, n_inner=None)
+HUB_TIMEOUT = 5.0  # seconds for the one request that tells whether the hub is reachable
 
 
 @dataclass
@@ -121,6 +131,8 @@ class GPT(nn.Module):
         self.lm_head.weight = self.transformer.wte.weight  # weight tying, as in GPT-2
         # Named and shaped like transformers' GPT2ForSequenceClassification.score, so adapters export to PEFT.
         self.score = nn.Linear(config.n_embd, config.n_classes, bias=False)
+        if self.score.weight.is_meta:
+            return  # from_pretrained: the checkpoint provides the weights
         self.apply(self._init_weights)
         for name, p in self.named_parameters():  # GPT-2's scaled init of the residual projections
             if name.endswith("c_proj.weight"):
@@ -185,39 +197,54 @@ class GPT(nn.Module):
     @classmethod
     def from_pretrained(cls, name_or_path: str, dropout: float = 0.0, n_classes: int = 2) -> GPT:
         """Load GPT-2 weights from a hub name (downloaded once into the Hugging Face cache) or from a local
-        directory holding a transformers GPT-2 checkpoint. The `score` head starts random."""
-        from transformers import GPT2LMHeadModel  # imported here: only weight loading needs transformers
+        directory holding a transformers GPT-2 checkpoint.
 
+        The model is built on the meta device and the checkpoint's tensors become its parameters: a
+        safetensors file is mapped into memory, so a weight costs memory once it is read, and only once; the
+        Conv1D weights become transposed views. Nothing is initialised randomly but the new `score` head,
+        N(0, 0.02) from the global RNG: it follows torch.manual_seed, and that draw is the only one, so the
+        RNG moves by exactly score.weight.numel() normal samples.
+        """
         check_variant(name_or_path)
-        try:
-            hf = GPT2LMHeadModel.from_pretrained(name_or_path)
-        except OSError as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise UserError(f"could not load GPT-2 weights '{name_or_path}' ({first}). Offline, pass a local "
-                            "directory instead: --gpt_variant /path/to/checkpoint (made by transformers' "
-                            "save_pretrained, or a copy of the hub's files)") from None
-        c = hf.config
+        config_file, weight_files = checkpoint_files(name_or_path)
+        c = {**GPT2_DEFAULTS, **json.loads(config_file.read_text())}
         unsupported = [name for name, ok in [
-            ("activation_function", c.activation_function == "gelu_new"),
-            ("scale_attn_weights", c.scale_attn_weights),
-            ("scale_attn_by_inverse_layer_idx", not c.scale_attn_by_inverse_layer_idx),
-            ("reorder_and_upcast_attn", not c.reorder_and_upcast_attn),
-            ("n_inner", c.n_inner in (None, 4 * c.n_embd)),
+            ("activation_function", c["activation_function"] == "gelu_new"),
+            ("scale_attn_weights", c["scale_attn_weights"]),
+            ("scale_attn_by_inverse_layer_idx", not c["scale_attn_by_inverse_layer_idx"]),
+            ("reorder_and_upcast_attn", not c["reorder_and_upcast_attn"]),
+            ("n_inner", c["n_inner"] in (None, 4 * c["n_embd"])),
         ] if not ok]
         if unsupported:
             raise UserError(f"'{name_or_path}' uses GPT-2 options this model does not implement: {', '.join(unsupported)}")
-        config = GPTConfig(block_size=c.n_positions, vocab_size=c.vocab_size, n_layer=c.n_layer, n_head=c.n_head,
-                           n_embd=c.n_embd, layer_norm_epsilon=c.layer_norm_epsilon, dropout=dropout,
-                           n_classes=n_classes)
-        model = cls(config)
-        sd, sd_hf = model.state_dict(), hf.state_dict()
-        with torch.no_grad():
-            for k, v in sd.items():
-                if k.startswith("score.") or k == "lm_head.weight":
-                    continue  # the head is new; lm_head is tied to wte
-                src = sd_hf[k]
-                v.copy_(src.t() if k.endswith(CONV1D_SUFFIXES) else src)
+        config = GPTConfig(block_size=c["n_positions"], vocab_size=c["vocab_size"], n_layer=c["n_layer"],
+                           n_head=c["n_head"], n_embd=c["n_embd"], layer_norm_epsilon=c["layer_norm_epsilon"],
+                           dropout=dropout, n_classes=n_classes)
+        with torch.device("meta"):
+            model = cls(config)
+        sd = read_weights(weight_files)
+        tensors = {}
+        for k, v in model.state_dict().items():
+            if k.startswith("score.") or k == "lm_head.weight":
+                continue  # the head is new; lm_head is tied to wte
+            src = sd.get(k, sd.get(k.removeprefix("transformer.")))  # GPT2LMHeadModel's names, or GPT2Model's
+            if src is None:
+                raise UserError(f"{weight_files[0]} holds no {k}: not a GPT-2 checkpoint")
+            src = src.t() if k.endswith(CONV1D_SUFFIXES) else src
+            if src.shape != v.shape:
+                raise UserError(f"{weight_files[0]}: {k} has shape {tuple(src.shape)}, but config.json implies "
+                                f"{tuple(v.shape)}")
+            tensors[k] = src.float()  # a no-op for float32 checkpoints
+        model.load_state_dict(tensors, strict=False, assign=True)
+        model.lm_head.weight = model.transformer.wte.weight  # assign replaced the tied Parameter
+        model.score.to_empty(device="cpu")
+        nn.init.normal_(model.score.weight, mean=0.0, std=0.02)
         return model
+
+
+def variant_id(name_or_path: str) -> str:
+    """How a run records its base: a hub name as given, a directory as its absolute path."""
+    return str(Path(name_or_path).resolve()) if Path(name_or_path).is_dir() else name_or_path
 
 
 def check_variant(name_or_path: str) -> None:
@@ -232,6 +259,88 @@ def check_variant(name_or_path: str) -> None:
             raise UserError(f"{path} holds a '{model_type}' checkpoint, not GPT-2 (config.json model_type)")
     elif name_or_path not in HUB_VARIANTS:
         raise UserError(f"--gpt_variant '{name_or_path}' is neither a directory nor one of {', '.join(HUB_VARIANTS)}")
+
+
+def checkpoint_files(name_or_path: str) -> tuple[Path, list[Path]]:
+    """config.json and the weight files of a checked (check_variant) local directory or hub name."""
+    path = Path(name_or_path)
+    if not path.is_dir():
+        return hub_files(name_or_path)
+    for name in WEIGHT_FILES:
+        if (path / name).is_file():
+            return path / "config.json", [path / name]
+        index = path / f"{name}.index.json"
+        if index.is_file():
+            try:
+                shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            except (ValueError, KeyError, AttributeError):
+                raise UserError(f"{index} is not a checkpoint index (a JSON weight_map)") from None
+            return path / "config.json", [path / shard for shard in shards]
+    raise UserError(f"{path} holds no {' or '.join(WEIGHT_FILES)}: it has a config.json but no weights")
+
+
+def hub_files(name: str) -> tuple[Path, list[Path]]:
+    """config.json and the weights of a hub GPT-2: from the Hugging Face cache when they are there (no
+    network), otherwise downloaded once one short request has shown the hub reachable. huggingface_hub
+    alone would retry an unreachable hub for about a minute before failing."""
+    from huggingface_hub import constants, get_hf_file_metadata, hf_hub_download, hf_hub_url, try_to_load_from_cache
+    from huggingface_hub.utils import EntryNotFoundError
+
+    def cached(filename: str) -> Path | None:
+        found = try_to_load_from_cache(name, filename)
+        return Path(found) if isinstance(found, str) else None
+
+    config, weights = cached("config.json"), next(filter(None, map(cached, WEIGHT_FILES)), None)
+    if config and weights:
+        return config, [weights]
+    if constants.HF_HUB_OFFLINE:
+        raise hub_error(name, "it is not in the Hugging Face cache, and HF_HUB_OFFLINE is set")
+    try:
+        get_hf_file_metadata(hf_hub_url(name, "config.json"), timeout=HUB_TIMEOUT)  # one request, no retries
+        config = Path(hf_hub_download(name, "config.json", etag_timeout=HUB_TIMEOUT))
+        for filename in WEIGHT_FILES:
+            try:
+                return config, [Path(hf_hub_download(name, filename, etag_timeout=HUB_TIMEOUT))]
+            except EntryNotFoundError:
+                continue
+        raise hub_error(name, f"the hub repository holds no {' or '.join(WEIGHT_FILES)}")
+    except UserError:
+        raise
+    except Exception as e:  # whatever the network or the hub said (DNS, refused, timed out, HTTP 5xx): one line
+        raise hub_error(name, f"it is not in the Hugging Face cache, and the hub did not answer ({first_line(e)})")
+
+
+def hub_error(name: str, why: str) -> UserError:
+    return UserError(f"could not load GPT-2 weights '{name}': {why}. Offline, pass a local directory instead: "
+                     "--gpt_variant /path/to/checkpoint (made by transformers' save_pretrained, or a copy of the "
+                     "hub's files); or, with the weights in the Hugging Face cache, set HF_HUB_OFFLINE=1 so that "
+                     "the network is never tried")
+
+
+def first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0]}" if text else type(e).__name__
+
+
+def read_weights(files: list[Path]) -> dict[str, torch.Tensor]:
+    """Every tensor in the checkpoint's weight files, read once. safetensors maps the file (copy-on-write:
+    writing a weight never changes the file); a pytorch_model.bin is unpickled with weights_only, and mapped
+    likewise when it is in torch's zip format."""
+    from safetensors.torch import load_file
+
+    sd: dict[str, torch.Tensor] = {}
+    for f in files:
+        try:
+            if f.suffix == ".safetensors":
+                part = load_file(str(f))
+            else:
+                part = torch.load(f, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(f))
+        except Exception as e:  # a file that is no checkpoint fails in many ways: safetensors, zip, unpickling, I/O
+            raise UserError(f"{f} could not be read as a checkpoint ({first_line(e)})") from None
+        if not isinstance(part, dict):
+            raise UserError(f"{f} holds a {type(part).__name__}, not a state dict of tensors")
+        sd.update(part)
+    return sd
 
 
 class DistilRNN(nn.Module):

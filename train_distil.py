@@ -23,8 +23,8 @@ import report
 from data import load_cola, sample_record
 from distill import agreement, augment, make_kd_loss, teacher_fingerprint, teacher_logits
 from errors import UserError
-from lora import parameter_summary, read_adapter_config
-from model import GPT, DistilRNN
+from lora import ADAPTER_CONFIG, parameter_summary, read_adapter_config
+from model import DEFAULT_VARIANT, GPT, DistilRNN, check_variant, variant_id
 from trainer import (CHECKPOINT, METRICS, PREDICTIONS, ArgumentParser, add_common_args, dropout_float, fit, load_checkpoint,
                      nonneg_int, pick_device, positive_float, positive_int, prepare_outputs, print_outputs, report_ood,
                      run_cli, run_config, unit_float, write_json)
@@ -53,31 +53,42 @@ def build_parser() -> argparse.ArgumentParser:
                    help="read each sentence in both directions")
     g.add_argument("--rnn_dropout", type=dropout_float, default=0.3,
                    help="dropout on the embeddings, between layers and before the classifier")
-    g.add_argument("--init_embeddings", default="teacher",
-                   help="copy GPT-2's token embedding into the student: 'teacher' (the teacher's base model), a "
-                        "GPT-2 variant or checkpoint directory, or 'none' for random embeddings of --embd_dim")
-    g.add_argument("--embd_dim", type=positive_int, default=768, help="with --init_embeddings none")
+    g.add_argument("--gpt_variant", default=None,
+                   help="the base GPT-2 whose token embedding initialises the student (hub name or checkpoint "
+                        f"directory); default: the teacher's base if --teacher holds one, else {DEFAULT_VARIANT}")
+    g.add_argument("--init_embeddings", choices=("gpt2", "none"), default="gpt2",
+                   help="gpt2: copy --gpt_variant's token embedding into the student; none: random embeddings "
+                        "of --embd_dim")
+    g.add_argument("--embd_dim", type=positive_int, default=None,
+                   help="embedding width with --init_embeddings none (default 768); otherwise the base's width")
     g.add_argument("--freeze_embeddings", action="store_true", help="keep the student's embedding fixed")
     add_common_args(p, out_dir="runs/{mode}", epochs=10, lr=2e-3, batch_size=32, weight_decay=0.01, warmup_ratio=0.06)
     return p
 
 
-def embedding_source(args: argparse.Namespace) -> str | None:
-    """The GPT-2 whose wte initialises the student, or None."""
+def resolve_base(args: argparse.Namespace) -> None:
+    """Fill in --gpt_variant (the teacher's base by default: LoRA never changes wte, so the student starts from
+    the teacher's own embedding) and --embd_dim (the width actually used), so that metrics.json records them."""
+    if args.gpt_variant is None:
+        has_teacher = (Path(args.teacher) / ADAPTER_CONFIG).is_file()
+        args.gpt_variant = read_adapter_config(args.teacher)["gpt_variant"] if has_teacher else DEFAULT_VARIANT
     if args.init_embeddings == "none":
-        return None
-    if args.init_embeddings == "teacher":
-        try:
-            return read_adapter_config(args.teacher)["gpt_variant"]
-        except UserError as e:
-            raise UserError(f"--init_embeddings teacher: {e}; or pass --init_embeddings none") from None
-    return args.init_embeddings
+        args.embd_dim = args.embd_dim or 768
+        if args.mode == "rnn":
+            args.gpt_variant = None  # nothing of GPT-2 is used
+    elif args.embd_dim is not None:
+        raise UserError(f"--embd_dim {args.embd_dim}: the student's width is --gpt_variant's with "
+                        "--init_embeddings gpt2; pass --init_embeddings none for random embeddings of another width")
+    if args.gpt_variant is not None:
+        check_variant(args.gpt_variant)
+        args.gpt_variant = variant_id(args.gpt_variant)
 
 
 def train(args: argparse.Namespace) -> dict:
     args.out_dir = args.out_dir.format(mode=args.mode)
     if args.mode == "distil":
         read_adapter_config(args.teacher)  # a missing teacher fails here, before any work
+    resolve_base(args)
     prepare_outputs(args, weights=(STUDENT_WEIGHTS, STUDENT_CONFIG))
     config = run_config(args)
     if args.mode == "distil":
@@ -88,13 +99,15 @@ def train(args: argparse.Namespace) -> dict:
     device = pick_device(args.device)
     data = load_cola(args.data_dir, args.max_train_samples, args.max_eval_samples)
 
-    source = embedding_source(args)
-    wte = GPT.from_pretrained(source).transformer.wte.weight.detach() if source else None
-    student = DistilRNN(embd_dim=wte.size(1) if wte is not None else args.embd_dim, hidden_size=args.hidden_size,
-                        num_layers=args.num_layers, cell=args.cell, bidirectional=args.bidirectional,
-                        dropout=args.rnn_dropout)
-    if wte is not None:
-        student.wte.weight.data.copy_(wte)
+    # The base GPT-2 is loaded once: its wte starts the student, and on a teacher-logit cache miss the same
+    # model becomes the teacher.
+    base = GPT.from_pretrained(args.gpt_variant) if args.init_embeddings == "gpt2" else None
+    if base is not None:
+        args.embd_dim = config["embd_dim"] = base.config.n_embd  # recorded: the width actually used
+    student = DistilRNN(embd_dim=args.embd_dim, hidden_size=args.hidden_size, num_layers=args.num_layers,
+                        cell=args.cell, bidirectional=args.bidirectional, dropout=args.rnn_dropout)
+    if base is not None:
+        student.wte.weight.data.copy_(base.transformer.wte.weight)
     student.wte.weight.requires_grad_(not args.freeze_embeddings)
     print(f"student: {parameter_summary(student)}")
     student.to(device)
@@ -102,11 +115,13 @@ def train(args: argparse.Namespace) -> dict:
     train_set = data["train"]
     if args.mode == "distil":
         train_set = augment(train_set, args.augment, args.seed)
+        same_base = base is not None and args.gpt_variant == read_adapter_config(args.teacher)["gpt_variant"]
         logits = teacher_logits(args.teacher, {"train": train_set, "dev": data["dev"]}, args.cache_dir,
-                                args.eval_batch_size, device)
+                                args.eval_batch_size, device, base=base if same_base else None)
         loss_fn = make_kd_loss(logits["train"], args.temperature, args.alpha)
     else:
         loss_fn = lambda out, batch: F.cross_entropy(out, batch.labels)  # noqa: E731
+    del base  # the student holds its own copy of wte
     print(f"train {len(train_set)} sentences, dev {len(data['dev'])}; device {device}")
 
     out_dir = Path(args.out_dir)

@@ -109,9 +109,18 @@ def checkpoint(shape: str, cache_dir: str, seed: int = 0) -> Path:
 def build_ours(ckpt: Path, seed: int = 0, lora: bool = True) -> GPT:
     torch.manual_seed(seed)
     model = GPT.from_pretrained(str(ckpt))  # GPT-2's own dropout 0, our default
+    own_memory(model)
     if lora:
         inject_lora(model, LORA["r"], LORA["alpha"], LORA["dropout"], TARGETS)
     return model
+
+
+@torch.no_grad()
+def own_memory(model: nn.Module) -> None:
+    """Both loaders map the checkpoint file into memory: a weight would count in RSS only once touched, in the
+    middle of a measurement. Copy every weight into memory of its own (strides kept: ours stay transposed views)."""
+    for p in model.parameters():
+        p.data = p.data.clone()
 
 
 def build_baseline(ckpt: Path, ours: GPT) -> nn.Module:
@@ -125,10 +134,7 @@ def build_baseline(ckpt: Path, ours: GPT) -> nn.Module:
         attn_implementation="sdpa", use_cache=False)
     with torch.no_grad():
         hf.score.weight.copy_(ours.score.weight)
-        # transformers maps the checkpoint file into memory: its weights would count in RSS only once touched,
-        # mid-measurement. Copy them into memory of their own, as GPT.from_pretrained does for ours.
-        for p in hf.parameters():
-            p.data = p.data.clone()
+    own_memory(hf)
     peft = get_peft_model(hf, LoraConfig(task_type="SEQ_CLS", r=LORA["r"], lora_alpha=LORA["alpha"],
                                          lora_dropout=LORA["dropout"], target_modules=PEFT_TARGETS,
                                          fan_in_fan_out=True))  # SEQ_CLS also trains `score`

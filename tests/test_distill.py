@@ -294,7 +294,7 @@ def test_train_distil_end_to_end(lora_teacher, cola_dir, cola, mode, extra):
     pos = sum(labels) / 80
     assert m["majority_baseline"]["val_acc"] == pytest.approx(max(pos, 1 - pos))
     cfg = json.loads((runs / mode / "student_config.json").read_text())
-    assert cfg["embd_dim"] == 32  # --init_embeddings teacher: the tiny teacher's wte width
+    assert cfg["embd_dim"] == 32  # --gpt_variant defaults to the teacher's base: the tiny teacher's wte width
     assert (runs / mode / "student.safetensors").stat().st_size > 0
     for name in (f"{mode}_loss.png", f"{mode}_accuracy.png", "comparison.png"):
         assert (runs / "plots" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
