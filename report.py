@@ -11,7 +11,6 @@ never put in one table: each dev set gets its own, headed by its size.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 from dataclasses import dataclass
@@ -377,7 +376,7 @@ def compare(run_dirs: list[str | Path], plots_dir: str | Path) -> tuple[str, lis
 # ---------------------------------------------------------------- command line
 
 def main() -> None:
-    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__)
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="train_lora.py / train_distil.py --out_dir")
     p.add_argument("--plots_dir", default="plots")
     p.add_argument("--curves", action="store_true",

@@ -55,12 +55,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="dropout on the embeddings, between layers and before the classifier")
     g.add_argument("--gpt_variant", default=None,
                    help="the base GPT-2 whose token embedding initialises the student (hub name or checkpoint "
-                        f"directory); default: the teacher's base if --teacher holds one, else {DEFAULT_VARIANT}")
+                        f"directory) (default: the teacher's base if --teacher holds one, else {DEFAULT_VARIANT})")
     g.add_argument("--init_embeddings", choices=("gpt2", "none"), default="gpt2",
                    help="gpt2: copy --gpt_variant's token embedding into the student; none: random embeddings "
                         "of --embd_dim")
     g.add_argument("--embd_dim", type=positive_int, default=None,
-                   help="embedding width with --init_embeddings none (default 768); otherwise the base's width")
+                   help="embedding width with --init_embeddings none; with gpt2 it is the base's "
+                        "(default: 768 with none)")
     g.add_argument("--freeze_embeddings", action="store_true", help="keep the student's embedding fixed")
     add_common_args(p, out_dir="runs/{mode}", epochs=10, lr=2e-3, batch_size=32, weight_decay=0.01, warmup_ratio=0.06)
     return p
@@ -160,12 +161,11 @@ def compare_runs(args: argparse.Namespace, out_dir: Path) -> None:
     """report.py's comparison of this run and its teacher (when the run used it and it saved predictions), and
     nothing else: runs that merely lie beside out_dir may have been made with other data or another teacher."""
     dirs = [out_dir]
-    if args.mode == "distil" or args.init_embeddings == "teacher":
-        try:
-            report.load_run(args.teacher)
-            dirs.insert(0, Path(args.teacher))
-        except UserError as e:
-            print(f"not comparing with the teacher: {e}")
+    try:
+        report.load_run(args.teacher)
+        dirs.insert(0, Path(args.teacher))
+    except UserError as e:
+        print(f"not comparing with the teacher: {e}")
     table, _ = report.compare(dirs, args.plots_dir)
     print(table)
     print(f"comparison written to {Path(args.plots_dir) / 'comparison.md'} and comparison.png; to compare with "

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from data import load_cola, sample_record
 from lora import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, TARGETS, export_peft, inject_lora, load_adapter, parameter_summary,
                   save_adapter)
-from model import GPT, check_variant
+from model import DEFAULT_VARIANT, GPT, check_variant
 from trainer import (CHECKPOINT, METRICS, PREDICTIONS, ArgumentParser, add_common_args, dropout_float, fit, pick_device, positive_float,
                      positive_int, prepare_outputs, print_outputs, report_ood, run_cli, run_config, write_json)
 
@@ -27,7 +27,7 @@ from trainer import (CHECKPOINT, METRICS, PREDICTIONS, ArgumentParser, add_commo
 def build_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(description=__doc__)
     g = p.add_argument_group("model and LoRA")
-    g.add_argument("--gpt_variant", default="gpt2-medium",
+    g.add_argument("--gpt_variant", default=DEFAULT_VARIANT,
                    help="gpt2, gpt2-medium, gpt2-large, gpt2-xl, or a local transformers GPT-2 checkpoint directory")
     g.add_argument("--lora_rank", type=positive_int, default=8, help="r: rank of the update B A (1 <= r <= layer width)")
     g.add_argument("--lora_alpha", type=positive_float, default=16.0, help="the update is scaled by alpha / r")

@@ -98,7 +98,7 @@ class ArgumentParser(argparse.ArgumentParser):
     every default in --help."""
 
     def __init__(self, **kwargs):
-        super().__init__(formatter_class=HelpFormatter, **kwargs)
+        super().__init__(**{"formatter_class": HelpFormatter, **kwargs})
 
     def error(self, message: str):
         print(f"error: {message} (see {self.prog} --help)", file=sys.stderr)

@@ -29,7 +29,7 @@ import pytest
 
 from conftest import ROOT
 from test_robustness import ENV, LORA_ROWS, TIMEOUT, cli, distil_args, error_line, lora_args, ok, sha256
-from trainer import CHECKPOINT, METRICS, load_checkpoint
+from trainer import CHECKPOINT, METRICS, PREDICTIONS, load_checkpoint
 
 OFFLINE = {"HTTPS_PROXY": "http://127.0.0.1:9", "HTTP_PROXY": "http://127.0.0.1:9", "NO_PROXY": "", "no_proxy": ""}
 
@@ -187,7 +187,7 @@ def finished(tmp_path_factory, tiny_gpt2, cola_dir):
 def test_train_lora_ends_by_naming_its_outputs(finished):
     out, _, r = finished
     named = named_outputs(r.stdout)
-    assert named["metrics"] == [out / METRICS]
+    assert named["metrics"] == [out / METRICS, out / PREDICTIONS]
     assert named["weights"] == [out / "adapter.safetensors", out / "adapter_config.json"]
     assert named["checkpoint"] == [out / CHECKPOINT]
     assert named["plots"] == sorted((out.parent / "plots").glob("lora_*.png")) and len(named["plots"]) == 2
@@ -198,7 +198,7 @@ def test_train_distil_ends_by_naming_its_outputs(cola_dir, tmp_path):
     out = tmp_path / "rnn"
     r = ok(cli("train_distil.py", *distil_args("rnn", tmp_path / "no_teacher", cola_dir, out, tmp_path / "cache")))
     named = named_outputs(r.stdout)
-    assert named["metrics"] == [out / METRICS]
+    assert named["metrics"] == [out / METRICS, out / PREDICTIONS]
     assert named["weights"] == [out / "student.safetensors", out / "student_config.json"]
     assert {p.name for p in named["plots"]} >= {"rnn_loss.png", "rnn_accuracy.png", "comparison.png"}
     assert all(p.is_file() for paths in named.values() for p in paths)

@@ -206,9 +206,9 @@ def test_cuda_graphs_flag_without_cuda_is_one_line_and_changes_nothing(tiny_gpt2
                            env={**os.environ, **env}, timeout=300)
         assert r.returncode == 0, r.stderr[-3000:]
         outs[flag] = (out, r.stdout)
-    notes = [ln for ln in outs["--cuda_graphs"][1].splitlines() if "cuda_graphs" in ln]
+    notes = [ln for ln in outs["--cuda_graphs"][1].splitlines() if ln.startswith("--cuda_graphs")]
     assert notes == ["--cuda_graphs is ignored on cpu (CUDA only): training eagerly"]
-    assert "cuda_graphs" not in outs[""][1]
+    assert not [ln for ln in outs[""][1].splitlines() if ln.startswith("--cuda_graphs")]
     assert (outs[""][0] / METRICS).read_bytes() == (outs["--cuda_graphs"][0] / METRICS).read_bytes()
     assert "cuda_graphs" not in json.loads((outs[""][0] / METRICS).read_text())["config"]
 

@@ -18,6 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from conftest import ROOT, make_gpt2_checkpoint
+from data import load_cola
 from errors import UserError
 from lora import TARGETS, LoRALinear, inject_lora, save_adapter
 from model import GPT
@@ -267,8 +268,8 @@ def test_distil_loads_the_base_once(teacher, cola_dir, cola, tmp_path, monkeypat
     assert miss["epochs"][0]["train_loss"] == hit["epochs"][0]["train_loss"]
     assert miss["best"] == hit["best"] and miss["teacher_agreement_dev"] == hit["teacher_agreement_dev"]
 
-    dev = type(cola["dev"])("dev", cola["dev"].sentences[:40], cola["dev"].ids[:40], cola["dev"].labels[:40])
-    cached = teacher_logits(teacher, {"dev": dev}, tmp_path / "cache", 32, CPU)["dev"]
-    fresh = teacher_logits(teacher, {"dev": dev}, tmp_path / "cache2", 32, CPU)["dev"]  # its own load, same batches
+    dev = load_cola(cola_dir, 120, 40)["dev"]  # the run's dev rows: the cache holds their logits
+    cached = teacher_logits(teacher, {"dev": dev}, tmp_path / "cache", 256, CPU)["dev"]
+    fresh = teacher_logits(teacher, {"dev": dev}, tmp_path / "cache2", 256, CPU)["dev"]  # own load; the run's batches
     assert len(loads) == 3
     assert torch.allclose(cached, fresh, atol=1e-5) and cached.std() > 0

@@ -345,7 +345,7 @@ def test_neighbouring_seeds_do_not_share_epoch_orders(cola, tmp_path):
         def loss_fn(logits, batch):
             seen.append(batch.index.tolist())
             return F.cross_entropy(logits, batch.labels)
-        args = Namespace(out_dir=str(tmp_path / f"o{seed}"), plots_dir=str(tmp_path), epochs=2, lr=1e-3,
+        args = Namespace(eval_batch_size=256, out_dir=str(tmp_path / f"o{seed}"), plots_dir=str(tmp_path), epochs=2, lr=1e-3,
                          batch_size=16, weight_decay=0.0, warmup_ratio=0.0, grad_clip=1.0, seed=seed, resume=False,
                          compile=False)
         Path(args.out_dir).mkdir()
