@@ -15,7 +15,6 @@ Scripts run as subprocesses, as a user runs them (see test_robustness.py for the
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import signal

@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import ROOT, make_gpt2_checkpoint
+from conftest import ROOT
 from data import collate, stratified_sample
 from distill import UNLABELLED, augment, kd_loss, perturb, teacher_logits
 from lora import inject_lora, save_adapter

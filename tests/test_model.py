@@ -3,7 +3,6 @@ on real tokenized CoLA sentences; and from_pretrained's refusals."""
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
