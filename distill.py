@@ -20,7 +20,8 @@ from safetensors.torch import load_file, save_file
 
 from data import Batch, Dataset, tokenize
 from lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, build_lora_classifier, read_adapter_config
-from trainer import autocast, predict_logits
+from metrics import predict_logits
+from train_step import autocast
 
 UNLABELLED = -1  # label of augmented sentences: they carry only the teacher's soft targets
 
@@ -111,7 +112,7 @@ def data_fingerprint(ds: Dataset) -> str:
 
 
 def precision(device: torch.device) -> str:
-    """The dtype the teacher computes in under trainer.autocast on this device (bf16 on CUDA, else float32)."""
+    """The dtype the teacher computes in under train_step.autocast on this device (bf16 on CUDA, else float32)."""
     with autocast(device):
         enabled = torch.is_autocast_enabled(device.type)
         return str(torch.get_autocast_dtype(device.type) if enabled else torch.float32)

@@ -21,6 +21,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.utils.rnn import pack_padded_sequence
 
+from cli import ArgumentParser, nonneg_float, pick_device, positive_int, run_cli
+from data import get_encoder
 from errors import UserError
 
 # Hub names and their shapes (n_layer, n_head, n_embd): the checkpoints GPT.from_pretrained downloads.
@@ -381,7 +383,6 @@ class DistilRNN(nn.Module):
 
 
 def main() -> None:
-    from trainer import ArgumentParser, nonneg_float, pick_device, positive_int, run_cli
 
     parser = ArgumentParser(description="Generate text with GPT-2.")
     parser.add_argument("--gpt_variant", default="gpt2", help="hub name or local checkpoint directory")
@@ -396,12 +397,11 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=1337, help="seeds the sampling")
     parser.add_argument("--device", default="auto", help="auto picks cuda, then mps, then cpu")
     args = parser.parse_args()
-    import tiktoken
 
     def run() -> None:
         device = pick_device(args.device)
         model = GPT.from_pretrained(args.gpt_variant).to(device).eval()
-        enc = tiktoken.get_encoding("gpt2")
+        enc = get_encoder()  # tiktoken's GPT-2 BPE; one line, not a traceback, when its files cannot be had
         idx = torch.tensor([enc.encode_ordinary(args.prompt)], device=device)
         gen = torch.Generator(device=device).manual_seed(args.seed)
         for _ in range(args.num_samples):

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from errors import UserError
-from trainer import METRICS, PREDICTIONS, ArgumentParser, check_writable, run_cli
+from cli import METRICS, PREDICTIONS, ArgumentParser, check_writable, run_cli
 
 IGNORED_KEYS = ("seed", "cache_dir")  # config keys that do not split a group (out/plots/data dirs are never recorded)
 KINDS = ("lora", "rnn", "distil")

@@ -25,9 +25,10 @@ from distill import agreement, augment, make_kd_loss, teacher_fingerprint, teach
 from errors import UserError
 from lora import ADAPTER_CONFIG, parameter_summary, read_adapter_config
 from model import DEFAULT_VARIANT, GPT, DistilRNN, check_variant, variant_id
-from trainer import (CHECKPOINT, METRICS, PREDICTIONS, ArgumentParser, add_common_args, dropout_float, fit, load_checkpoint,
-                     nonneg_int, pick_device, positive_float, positive_int, prepare_outputs, print_outputs, report_ood,
-                     run_cli, run_config, unit_float, write_json)
+from cli import (CHECKPOINT, METRICS, PREDICTIONS, ArgumentParser, add_common_args, dropout_float, nonneg_int,
+                 pick_device, positive_float, positive_int, prepare_outputs, print_outputs, run_cli, run_config,
+                 unit_float)
+from trainer import fit, load_checkpoint, report_ood, write_json
 
 STUDENT_WEIGHTS = "student.safetensors"
 STUDENT_CONFIG = "student_config.json"

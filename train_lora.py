@@ -20,8 +20,9 @@ from data import load_cola, sample_record
 from lora import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, TARGETS, export_peft, inject_lora, load_adapter, parameter_summary,
                   save_adapter)
 from model import DEFAULT_VARIANT, GPT, check_variant
-from trainer import (CHECKPOINT, METRICS, PREDICTIONS, ArgumentParser, add_common_args, dropout_float, fit, pick_device, positive_float,
-                     positive_int, prepare_outputs, print_outputs, report_ood, run_cli, run_config, write_json)
+from cli import (CHECKPOINT, METRICS, PREDICTIONS, ArgumentParser, add_common_args, dropout_float, pick_device,
+                 positive_float, positive_int, prepare_outputs, print_outputs, run_cli, run_config)
+from trainer import fit, report_ood, write_json
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -23,11 +23,14 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from cli import pick_device  # noqa: E402
 from data import load_cola  # noqa: E402
 from distill import kd_loss, make_kd_loss  # noqa: E402
 from lora import inject_lora  # noqa: E402
 from model import GPT, HUB_VARIANTS, DistilRNN, GPTConfig  # noqa: E402
-from trainer import fit, pick_device, predict_logits  # noqa: E402
+from metrics import predict_logits  # noqa: E402
+from train_step import autocast  # noqa: E402
+from trainer import fit  # noqa: E402
 
 SHARED_COLA = Path(__file__).resolve().parents[2] / "shared" / "cola"
 
@@ -56,7 +59,7 @@ def main() -> None:
     cache_s = time.perf_counter() - t0
 
     def teacher_in_loop(logits: torch.Tensor, batch) -> torch.Tensor:
-        with torch.no_grad(), torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda"):
+        with torch.no_grad(), autocast(device):
             t = teacher.classify(batch.ids, batch.lengths).float()
         return kd_loss(logits, t, batch.labels, 2.0, 0.7)
 

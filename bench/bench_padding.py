@@ -4,7 +4,7 @@
 
 - ours, training: data.batch_rows(shuffle=True): shuffled, sorted by length within pools of batches, each batch
   padded to its longest sentence (what train_lora.py and train_distil.py use);
-- ours, evaluation: data.batch_rows(shuffle=False): sorted by length (trainer.predict_logits);
+- ours, evaluation: data.batch_rows(shuffle=False): sorted by length (metrics.predict_logits);
 - random batches padded to their longest sentence (a plain shuffled DataLoader with a padding collate);
 - fixed length 20, what public CoLA solutions commonly use: every batch is 20 tokens wide, and longer sentences
   are truncated (their lost tokens and count are shown; they change the input, not only the cost).

@@ -1,5 +1,6 @@
-"""What the benchmarks share: a random GPT-2 checkpoint, our model and the transformers + PEFT baseline built
-from the same weights, real CoLA batches, one training step of each, and peak-memory measurement.
+"""What the benchmarks share and the product does not have: a random GPT-2 checkpoint, the transformers + PEFT
+baseline built from our model's weights, timing, and peak-memory measurement. Loading, batching, the device
+choice, autocast and the training step itself are the product's own (model, data, cli, train_step).
 
 Run from the repository root (python bench/bench_lora.py ...); this file puts the root on sys.path.
 """
@@ -29,10 +30,11 @@ import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from cli import pick_device  # noqa: E402
 from data import PAD_TOKEN, Batch, iterate, load_cola  # noqa: E402
 from lora import TARGETS, inject_lora, lora_modules  # noqa: E402
 from model import GPT  # noqa: E402
-from train_step import FixedShapeStep, RunningMetrics, bucket_length  # noqa: E402
+from train_step import EagerStep, FixedShapeStep, RunningMetrics, autocast, bucket_length  # noqa: E402
 from trainer import make_optimizer  # noqa: E402
 
 # (n_layer, n_head, n_embd); the vocabulary and context stay GPT-2's, since the batches are real CoLA tokens.
@@ -60,17 +62,6 @@ def setup(args) -> torch.device:
     if args.threads:
         torch.set_num_threads(args.threads)
     return pick_device(args.device)
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def autocast(device: torch.device):
-    """bf16 autocast on CUDA for both sides (as trainer.autocast); fp32 on CPU."""
-    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
 
 
 def sync(device: torch.device) -> None:
@@ -152,14 +143,14 @@ def copy_lora(ours: GPT, peft: nn.Module) -> None:
         t.lora_B["default"].weight.copy_(m.lora_B)
 
 
-def ours_logits(model: nn.Module, batch: Batch) -> torch.Tensor:
-    return model.classify(batch.ids, batch.lengths)
+def ours_logits(model: nn.Module, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    return model.classify(ids, lengths)
 
 
-def baseline_logits(model: nn.Module, batch: Batch) -> torch.Tensor:
+def baseline_logits(model: nn.Module, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
     # No attention_mask: with right padding and causal attention no real token sees a pad, and the head pools
     # the last non-pad token, so the logits are the same; without a mask SDPA takes its fastest (causal) path.
-    return model(input_ids=batch.ids).logits
+    return model(input_ids=ids).logits
 
 
 @torch.no_grad()
@@ -170,7 +161,7 @@ def check_equivalence(ours: GPT, baseline: nn.Module, batch: Batch, device: torc
         m.lora_B.normal_(0, 0.02)
     copy_lora(ours, baseline)
     ours.eval(), baseline.eval()
-    diff = (ours_logits(ours, batch) - baseline_logits(baseline, batch)).abs().max().item()
+    diff = (ours_logits(ours, batch.ids, batch.lengths) - baseline_logits(baseline, batch.ids, batch.lengths)).abs().max().item()
     for m in lora_modules(ours).values():
         m.lora_B.zero_()
     copy_lora(ours, baseline)
@@ -181,30 +172,21 @@ def check_equivalence(ours: GPT, baseline: nn.Module, batch: Batch, device: torc
 
 
 class Side:
-    """One model being benchmarked: its forward, optimizer and (optionally compiled) training step."""
+    """One model being benchmarked, trained by the product's own step (train_step.EagerStep: forward, cross-entropy,
+    backward, clip at 1.0, trainer.py's AdamW), so both sides pay for exactly what trainer.fit does per batch."""
 
     def __init__(self, name: str, model: nn.Module, logits_fn, device: torch.device, lr: float, compile: bool):
         self.name, self.model, self.device = name, model, device
-        self.opt = make_optimizer(model, lr, weight_decay=0.01)  # trainer.py's AdamW
-        self.params = [p for p in model.parameters() if p.requires_grad]
-        fwd = (lambda b: logits_fn(model, b))
+        self.opt = make_optimizer(model, lr, weight_decay=0.01)
+        fwd = (lambda ids, lengths: logits_fn(model, ids, lengths))
         self.forward = torch.compile(fwd, dynamic=True) if compile else fwd
-
-    def train_step(self, batch: Batch) -> torch.Tensor:
-        """What trainer.fit does per batch: forward, cross-entropy, backward, clip, AdamW step."""
-        with autocast(self.device):
-            logits = self.forward(batch).float()
-        loss = F.cross_entropy(logits, batch.labels)
-        self.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.params, 1.0)
-        self.opt.step()
-        return loss.detach()
+        self.train_step = EagerStep(self.forward, lambda logits, b: F.cross_entropy(logits, b.labels), self.opt, 1.0,
+                                    RunningMetrics(device), device)
 
     @torch.no_grad()
     def eval_step(self, batch: Batch) -> torch.Tensor:
         with autocast(self.device):
-            return self.forward(batch).float()
+            return self.forward(batch.ids, batch.lengths).float()
 
 
 class GraphedSide:

@@ -28,7 +28,8 @@ import pytest
 
 from conftest import ROOT
 from test_robustness import ENV, LORA_ROWS, TIMEOUT, cli, distil_args, error_line, lora_args, ok, sha256
-from trainer import CHECKPOINT, METRICS, PREDICTIONS, load_checkpoint
+from cli import CHECKPOINT, METRICS, PREDICTIONS
+from trainer import load_checkpoint
 
 OFFLINE = {"HTTPS_PROXY": "http://127.0.0.1:9", "HTTP_PROXY": "http://127.0.0.1:9", "NO_PROXY": "", "no_proxy": ""}
 

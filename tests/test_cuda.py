@@ -16,7 +16,8 @@ from data import Dataset, collate, iterate
 from lora import inject_lora, lora_modules, merge_lora, unmerge_lora
 from model import GPT, DistilRNN
 from train_step import EagerStep, FixedShapeStep, RunningMetrics, bucket_length
-from trainer import autocast, make_optimizer, warmup_linear
+from train_step import autocast
+from trainer import make_optimizer, warmup_linear
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 CUDA = torch.device("cuda")

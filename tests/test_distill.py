@@ -19,7 +19,7 @@ from data import collate, stratified_sample
 from distill import UNLABELLED, augment, kd_loss, perturb, teacher_logits
 from lora import inject_lora, save_adapter
 from model import GPT, DistilRNN
-from trainer import predict_logits
+from metrics import predict_logits
 
 CPU = torch.device("cpu")
 

@@ -24,7 +24,8 @@ from lora import inject_lora, lora_modules
 from model import GPT, DistilRNN
 from train_step import (BUCKETS, IGNORE_INDEX, EagerStep, FixedShapeStep, RunningMetrics, bucket_length,
                         pad_batch)
-from trainer import METRICS, SYNC_EVERY, fit, make_optimizer, warmup_linear
+from cli import METRICS
+from trainer import SYNC_EVERY, fit, make_optimizer, warmup_linear
 
 CPU = torch.device("cpu")
 

@@ -229,7 +229,8 @@ def test_fit_on_a_merged_model_stops_at_its_first_step(base64, cola, tmp_path):
     from argparse import Namespace
 
     from data import Dataset
-    from trainer import CHECKPOINT, fit
+    from cli import CHECKPOINT
+    from trainer import fit
 
     model = inject_lora(fresh(base64), r=2, alpha=4.0)
     merge_lora(model)

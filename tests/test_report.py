@@ -29,7 +29,8 @@ from data import Dataset, epoch_seed, load_cola, stratified_sample
 from distill import cache_key
 from errors import UserError
 from model import DistilRNN
-from trainer import METRICS, PREDICTIONS, fit
+from cli import METRICS, PREDICTIONS
+from trainer import fit
 
 SEEDS = (1, 2)
 
@@ -200,7 +201,7 @@ def test_the_same_model_has_a_narrower_interval_on_the_full_dev_set(runs, tmp_pa
 
 
 def test_scores_match_the_trainer_mcc(cola):
-    from trainer import matthews_corrcoef
+    from metrics import matthews_corrcoef
     labels = torch.tensor(cola["dev"].labels)
     g = torch.Generator().manual_seed(0)
     for flip in (0.1, 0.4, 0.7):

@@ -39,7 +39,8 @@ from conftest import ROOT, make_gpt2_checkpoint
 from data import COLA_SHA256, Dataset
 from errors import UserError
 from model import DistilRNN
-from trainer import CHECKPOINT, METRICS, fit, load_checkpoint
+from cli import CHECKPOINT, METRICS
+from trainer import fit, load_checkpoint
 
 ENV = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", MPLBACKEND="Agg")
 TIMEOUT = 300

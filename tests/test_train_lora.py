@@ -71,7 +71,7 @@ def test_baselines_are_those_of_the_evaluated_rows(run, cola):
 def test_adapter_files_rebuild_the_best_epoch(run, tiny_gpt2, cola_dir):
     """The saved adapter is the best epoch's: rebuilt from its files, it scores what metrics.json says."""
     from lora import build_lora_classifier
-    from trainer import evaluate
+    from metrics import evaluate
     out, _, _ = run
     assert (out / "adapter.safetensors").stat().st_size > 0
     cfg = json.loads((out / "adapter_config.json").read_text())
