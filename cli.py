@@ -19,6 +19,7 @@ from typing import Callable
 import torch
 
 from errors import UserError
+from precision import DTYPES, Precision, choose_precision, device_line
 
 # The files of a run directory (--out_dir).
 CHECKPOINT = "checkpoint.safetensors"
@@ -133,6 +134,10 @@ def add_common_args(p: argparse.ArgumentParser, *, out_dir: str, epochs: int, lr
     g.add_argument("--seed", type=int, default=1337, help="seeds initialisation, shuffling and dropout")
     g = p.add_argument_group("placement and I/O")
     g.add_argument("--device", default="auto", help="auto picks cuda, then mps, then cpu")
+    g.add_argument("--precision", choices=("auto", *DTYPES), default="auto",
+                   help="auto: bf16 mixed on CUDA with compute capability >= 8.0 (A100, RTX 30xx, H100), fp16 mixed "
+                        "with loss scaling below (T4, V100), fp32 on CPU and MPS; the frozen base weights are "
+                        "stored in bf16/fp16. Recorded in metrics.json; --resume needs the same")
     g.add_argument("--compile", action="store_true", help="torch.compile the model (CUDA)")
     g.add_argument("--data_dir", default="data", help="CoLA is downloaded and extracted here")
     g.add_argument("--out_dir", default=out_dir, help="metrics, best weights and checkpoint of this run")
@@ -162,6 +167,16 @@ def pick_device(name: str) -> torch.device:
     if device.type == "mps" and not torch.backends.mps.is_available():
         raise UserError(f"--device {name}: MPS is not available on this machine")
     return device
+
+
+def pick_hardware(args: argparse.Namespace) -> tuple[torch.device, Precision]:
+    """--device and --precision, announced in one line. args.precision becomes the precision actually used
+    (auto resolved), so that metrics.json records it and --resume compares it."""
+    device = pick_device(args.device)
+    precision = choose_precision(device, args.precision)
+    args.precision = precision.name
+    print(device_line(device, precision))
+    return device, precision
 
 
 def check_writable(path: str | Path, flag: str) -> Path:

@@ -1,6 +1,7 @@
 """Knowledge distillation (Hinton et al., 2015) of the LoRA-tuned GPT-2 into DistilRNN.
 
-The teacher is run once over the transfer set, under no_grad, and its logits are cached on disk, keyed by
+The teacher is run once over the transfer set, under no_grad and the run's precision (its frozen weights
+stored in the compute dtype, as train_lora.py stores them), and its logits are cached on disk, keyed by
 the teacher's files, the data, the device type and the precision, so distillation epochs cost what
 from-scratch epochs cost and a changed teacher never reuses stale logits.
 """
@@ -21,7 +22,7 @@ from safetensors.torch import load_file, save_file
 from data import Batch, Dataset, tokenize
 from lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, build_lora_classifier, read_adapter_config
 from metrics import predict_logits
-from train_step import autocast
+from precision import Precision, store_frozen_weights
 
 UNLABELLED = -1  # label of augmented sentences: they carry only the teacher's soft targets
 
@@ -111,22 +112,15 @@ def data_fingerprint(ds: Dataset) -> str:
     return hashlib.sha256(json.dumps(ds.ids).encode()).hexdigest()
 
 
-def precision(device: torch.device) -> str:
-    """The dtype the teacher computes in under train_step.autocast on this device (bf16 on CUDA, else float32)."""
-    with autocast(device):
-        enabled = torch.is_autocast_enabled(device.type)
-        return str(torch.get_autocast_dtype(device.type) if enabled else torch.float32)
-
-
-def cache_key(teacher_key: str, ds: Dataset, device: torch.device) -> str:
-    """The cache entry of one dataset's teacher logits: bf16 CUDA and float32 CPU logits differ, so they
-    never share one."""
-    parts = (teacher_key, data_fingerprint(ds), device.type, precision(device))
+def cache_key(teacher_key: str, ds: Dataset, device: torch.device, precision: Precision) -> str:
+    """The cache entry of one dataset's teacher logits: logits computed on other devices or in other
+    precisions differ, so they never share one."""
+    parts = (teacher_key, data_fingerprint(ds), device.type, precision.name)
     return hashlib.sha256(":".join(parts).encode()).hexdigest()[:24]
 
 
 def teacher_logits(teacher_dir: str | Path, datasets: dict[str, Dataset], cache_dir: str | Path, batch_size: int,
-                   device: torch.device, base: nn.Module | None = None) -> dict[str, torch.Tensor]:
+                   device: torch.device, precision: Precision, base: nn.Module | None = None) -> dict[str, torch.Tensor]:
     """Teacher logits (N, n_classes) for each dataset: from the cache when the teacher and data match,
     otherwise one no_grad forward pass per sentence, then written to the cache.
 
@@ -135,15 +129,18 @@ def teacher_logits(teacher_dir: str | Path, datasets: dict[str, Dataset], cache_
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
     teacher_key = teacher_fingerprint(teacher_dir)
-    paths = {name: cache_dir / f"teacher_{cache_key(teacher_key, ds, device)}.safetensors" for name, ds in datasets.items()}
+    paths = {name: cache_dir / f"teacher_{cache_key(teacher_key, ds, device, precision)}.safetensors"
+             for name, ds in datasets.items()}
     out = {name: load_file(str(p))["logits"] for name, p in paths.items() if p.is_file()}
     missing = [name for name in datasets if name not in out]
     if missing:
         with torch.random.fork_rng(devices=[]):  # its random inits must not shift the run's RNG: a cache hit
             teacher, _ = build_lora_classifier(teacher_dir, base)  # and a miss give the student the same dropout
+        store_frozen_weights(teacher, precision.dtype)
         teacher.to(device)
         for name in missing:
-            out[name] = predict_logits(teacher, datasets[name], batch_size, device, desc=f"teacher on {name}")
+            out[name] = predict_logits(teacher, datasets[name], batch_size, device, precision,
+                                       desc=f"teacher on {name}")
             tmp = paths[name].with_name(paths[name].name + ".tmp")
             save_file({"logits": out[name].contiguous()}, str(tmp))
             os.replace(tmp, paths[name])
@@ -153,7 +150,8 @@ def teacher_logits(teacher_dir: str | Path, datasets: dict[str, Dataset], cache_
     return out
 
 
-def agreement(student: nn.Module, ds: Dataset, teacher: torch.Tensor, batch_size: int, device: torch.device) -> float:
+def agreement(student: nn.Module, ds: Dataset, teacher: torch.Tensor, batch_size: int, device: torch.device,
+              precision: Precision) -> float:
     """Fraction of sentences on which the student predicts the teacher's class."""
-    s = predict_logits(student, ds, batch_size, device)
+    s = predict_logits(student, ds, batch_size, device, precision)
     return float((s.argmax(-1) == teacher.argmax(-1)).float().mean())

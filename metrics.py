@@ -12,7 +12,8 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from data import Dataset, iterate, num_batches
-from train_step import autocast
+from precision import Precision
+
 
 def matthews_corrcoef(preds: torch.Tensor, labels: torch.Tensor) -> float:
     """CoLA's official metric. 0 for a constant predictor, whatever its accuracy."""
@@ -37,16 +38,17 @@ def describe(stats: dict, majority_acc: float) -> str:
 
 
 @torch.no_grad()
-def predict_logits(model: nn.Module, ds: Dataset, batch_size: int, device: torch.device,
+def predict_logits(model: nn.Module, ds: Dataset, batch_size: int, device: torch.device, precision: Precision,
                    desc: str | None = None) -> torch.Tensor:
-    """Logits (N, n_classes) in float32, in dataset order; gathered on the device, copied back once."""
+    """Logits (N, n_classes) in float32, in dataset order, computed under `precision` (the run's: a model whose
+    frozen weights are stored in its compute dtype needs its autocast); gathered on the device, copied back once."""
     was_training = model.training
     model.eval()
     out = None
     for batch in tqdm(iterate(ds, batch_size, shuffle=False), total=num_batches(ds, batch_size), desc=desc,
                       leave=False, disable=desc is None):
         batch = batch.to(device)
-        with autocast(device):
+        with precision.autocast():
             logits = model.classify(batch.ids, batch.lengths).float()  # (B, n_classes)
         if out is None:
             out = logits.new_empty(len(ds), logits.size(1))
@@ -55,10 +57,11 @@ def predict_logits(model: nn.Module, ds: Dataset, batch_size: int, device: torch
     return out.cpu()
 
 
-def evaluate(model: nn.Module, ds: Dataset, batch_size: int, device: torch.device, desc: str | None = None) -> dict:
+def evaluate(model: nn.Module, ds: Dataset, batch_size: int, device: torch.device, precision: Precision,
+             desc: str | None = None) -> dict:
     """Loss (cross-entropy against the gold labels), accuracy, MCC, the rate of predicted 1s, and `probs`:
     each sentence's P(label 1), (N,) float64, for save_predictions."""
-    logits = predict_logits(model, ds, batch_size, device, desc)
+    logits = predict_logits(model, ds, batch_size, device, precision, desc)
     labels = torch.tensor(ds.labels)
     return {"loss": F.cross_entropy(logits, labels).item(), **summarize(logits.argmax(-1), labels),
             "probs": logits.double().softmax(-1)[:, 1]}

@@ -181,19 +181,24 @@ class GPT(nn.Module):
     @torch.no_grad()
     def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
                  generator: torch.Generator | None = None) -> torch.Tensor:
-        """Append max_new_tokens tokens to idx (B, T). temperature == 0 is greedy decoding."""
-        for _ in range(max_new_tokens):
-            idx_cond = idx[:, -self.config.block_size:]
-            logits = self(idx_cond)[0][:, -1, :]  # (B, vocab)
-            if temperature == 0:
-                idx_next = logits.argmax(dim=-1, keepdim=True)
-            else:
-                logits = logits / temperature
-                if top_k is not None:
-                    v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
-                    logits[logits < v[:, [-1]]] = -float("inf")
-                idx_next = torch.multinomial(F.softmax(logits, dim=-1), num_samples=1, generator=generator)
-            idx = torch.cat((idx, idx_next), dim=1)
+        """Append max_new_tokens tokens to idx (B, T). temperature == 0 is greedy decoding.
+
+        Frozen weights stored in bf16 or fp16 (precision.store_frozen_weights) are run under that dtype's
+        autocast; fp32 weights run in fp32, as they are."""
+        dtype = self.transformer.h[0].attn.c_attn.weight.dtype
+        with torch.autocast(idx.device.type, dtype=dtype, enabled=dtype != torch.float32):
+            for _ in range(max_new_tokens):
+                idx_cond = idx[:, -self.config.block_size:]
+                logits = self(idx_cond)[0][:, -1, :].float()  # (B, vocab)
+                if temperature == 0:
+                    idx_next = logits.argmax(dim=-1, keepdim=True)
+                else:
+                    logits = logits / temperature
+                    if top_k is not None:
+                        v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
+                        logits[logits < v[:, [-1]]] = -float("inf")
+                    idx_next = torch.multinomial(F.softmax(logits, dim=-1), num_samples=1, generator=generator)
+                idx = torch.cat((idx, idx_next), dim=1)
         return idx
 
     @classmethod

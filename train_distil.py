@@ -26,7 +26,7 @@ from errors import UserError
 from lora import ADAPTER_CONFIG, parameter_summary, read_adapter_config
 from model import DEFAULT_VARIANT, GPT, DistilRNN, check_variant, variant_id
 from cli import (CHECKPOINT, METRICS, PREDICTIONS, ArgumentParser, add_common_args, dropout_float, nonneg_int,
-                 pick_device, positive_float, positive_int, prepare_outputs, print_outputs, run_cli, run_config,
+                 pick_hardware, positive_float, positive_int, prepare_outputs, print_outputs, run_cli, run_config,
                  unit_float)
 from trainer import fit, load_checkpoint, report_ood, write_json
 
@@ -92,13 +92,13 @@ def train(args: argparse.Namespace) -> dict:
         read_adapter_config(args.teacher)  # a missing teacher fails here, before any work
     resolve_base(args)
     prepare_outputs(args, weights=(STUDENT_WEIGHTS, STUDENT_CONFIG))
+    device, precision = pick_hardware(args)  # before run_config: it records the precision auto resolved to
     config = run_config(args)
     if args.mode == "distil":
         config["teacher_fingerprint"] = teacher_fingerprint(args.teacher)
         if args.resume:
             check_teacher_unchanged(args, config["teacher_fingerprint"])
     torch.manual_seed(args.seed)
-    device = pick_device(args.device)
     data = load_cola(args.data_dir, args.max_train_samples, args.max_eval_samples)
 
     # The base GPT-2 is loaded once: its wte starts the student, and on a teacher-logit cache miss the same
@@ -119,12 +119,12 @@ def train(args: argparse.Namespace) -> dict:
         train_set = augment(train_set, args.augment, args.seed)
         same_base = base is not None and args.gpt_variant == read_adapter_config(args.teacher)["gpt_variant"]
         logits = teacher_logits(args.teacher, {"train": train_set, "dev": data["dev"]}, args.cache_dir,
-                                args.eval_batch_size, device, base=base if same_base else None)
+                                args.eval_batch_size, device, precision, base=base if same_base else None)
         loss_fn = make_kd_loss(logits["train"], args.temperature, args.alpha)
     else:
         loss_fn = lambda out, batch: F.cross_entropy(out, batch.labels)  # noqa: E731
     del base  # the student holds its own copy of wte
-    print(f"train {len(train_set)} sentences, dev {len(data['dev'])}; device {device}")
+    print(f"train {len(train_set)} sentences, dev {len(data['dev'])}")
 
     out_dir = Path(args.out_dir)
 
@@ -134,11 +134,12 @@ def train(args: argparse.Namespace) -> dict:
         (out_dir / STUDENT_CONFIG).write_text(json.dumps(student.config, indent=2))
 
     config["data"] = sample_record(data)
-    metrics = fit(student, train_set, data["dev"], loss_fn, args, config, args.mode, save_best)
+    metrics = fit(student, train_set, data["dev"], loss_fn, args, config, args.mode, save_best, precision)
     student.load_state_dict(load_file(str(out_dir / STUDENT_WEIGHTS)))  # the best epoch, not the last
-    report_ood(metrics, student, data["ood_dev"], args.eval_batch_size, device, out_dir)
+    report_ood(metrics, student, data["ood_dev"], args.eval_batch_size, device, precision, out_dir)
     if args.mode == "distil":
-        metrics["teacher_agreement_dev"] = agreement(student, data["dev"], logits["dev"], args.eval_batch_size, device)
+        metrics["teacher_agreement_dev"] = agreement(student, data["dev"], logits["dev"], args.eval_batch_size, device,
+                                                   precision)
         print(f"student agrees with the teacher on {metrics['teacher_agreement_dev']:.1%} of dev")
     write_json(out_dir / METRICS, metrics)
     compare_runs(args, out_dir)

@@ -20,8 +20,9 @@ from data import load_cola, sample_record
 from lora import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, TARGETS, export_peft, inject_lora, load_adapter, parameter_summary,
                   save_adapter)
 from model import DEFAULT_VARIANT, GPT, check_variant
-from cli import (CHECKPOINT, METRICS, PREDICTIONS, ArgumentParser, add_common_args, dropout_float, pick_device,
+from cli import (CHECKPOINT, METRICS, PREDICTIONS, ArgumentParser, add_common_args, dropout_float, pick_hardware,
                  positive_float, positive_int, prepare_outputs, print_outputs, run_cli, run_config)
+from precision import store_frozen_weights
 from trainer import fit, report_ood, write_json
 
 
@@ -39,8 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--export_peft", default=None, metavar="DIR",
                    help="also write the best adapter in PEFT's format to DIR (default: not written)")
     g.add_argument("--cuda_graphs", action="store_true",
-                   help="opt-in, CUDA only: fixed-shape training step, one CUDA graph per length bucket, frozen "
-                        "weights in bf16 (train_step.py); ignored elsewhere")
+                   help="opt-in, CUDA only: fixed-shape training step, one CUDA graph per length bucket "
+                        "(train_step.py); ignored elsewhere, and with fp16 (--precision fp16, or auto on a card "
+                        "below compute capability 8.0), which it refuses in one line and trains eagerly")
     add_common_args(p, out_dir="runs/lora", epochs=10, lr=4e-4, batch_size=32, weight_decay=0.01, warmup_ratio=0.06)
     return p
 
@@ -49,12 +51,13 @@ def train(args: argparse.Namespace) -> dict:
     check_variant(args.gpt_variant)
     prepare_outputs(args, weights=(ADAPTER_WEIGHTS, ADAPTER_CONFIG))
     torch.manual_seed(args.seed)
-    device = pick_device(args.device)
+    device, precision = pick_hardware(args)
     data = load_cola(args.data_dir, args.max_train_samples, args.max_eval_samples)
     targets = tuple(t for t in args.lora_targets.split(",") if t)
     model = GPT.from_pretrained(args.gpt_variant, dropout=args.dropout)
     inject_lora(model, args.lora_rank, args.lora_alpha, args.lora_dropout, targets, args.rslora)
     print(parameter_summary(model))
+    store_frozen_weights(model, precision.dtype)  # before the copy to the device: half the bytes move
     model.to(device)
 
     variant = str(Path(args.gpt_variant).resolve()) if Path(args.gpt_variant).is_dir() else args.gpt_variant
@@ -63,15 +66,14 @@ def train(args: argparse.Namespace) -> dict:
                       "lora_dropout": args.lora_dropout, "lora_targets": list(targets), "rslora": args.rslora,
                       "n_layer": c.n_layer, "n_head": c.n_head, "n_embd": c.n_embd, "vocab_size": c.vocab_size,
                       "n_classes": c.n_classes}
-    print(f"train {len(data['train'])} sentences, dev {len(data['dev'])}, out-of-domain dev {len(data['ood_dev'])}; "
-          f"device {device}")
+    print(f"train {len(data['train'])} sentences, dev {len(data['dev'])}, out-of-domain dev {len(data['ood_dev'])}")
     config = {**run_config(args), "data": sample_record(data)}
     metrics = fit(model, data["train"], data["dev"], lambda logits, batch: F.cross_entropy(logits, batch.labels),
-                  args, config, "lora", lambda: save_adapter(model, args.out_dir, adapter_config),
+                  args, config, "lora", lambda: save_adapter(model, args.out_dir, adapter_config), precision,
                   cuda_graphs=args.cuda_graphs)
 
     load_adapter(model, args.out_dir)  # the best epoch, not the last
-    report_ood(metrics, model, data["ood_dev"], args.eval_batch_size, device, Path(args.out_dir))
+    report_ood(metrics, model, data["ood_dev"], args.eval_batch_size, device, precision, Path(args.out_dir))
     write_json(Path(args.out_dir) / "metrics.json", metrics)
     if args.export_peft:
         export_peft(model, adapter_config, args.export_peft)

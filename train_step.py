@@ -5,8 +5,10 @@ training metrics both keep on the device, so that an epoch never waits for the G
 - FixedShapeStep (train_lora.py --cuda_graphs): the same step on fixed shapes: always `batch_size` rows, the
   length rounded up to one of a few BUCKETS, the short batch padded with rows labelled IGNORE_INDEX, which the
   loss and the metrics give zero weight. On CUDA each shape is captured once as a CUDA graph and then replayed:
-  one launch a step instead of ~3,000 kernels dispatched from Python, and the frozen base weights are stored in
-  bf16 so that autocast has nothing to re-cast. On CPU it runs eagerly, which is how its logic is tested.
+  one launch a step instead of ~3,000 kernels dispatched from Python. On CPU it runs eagerly, which is how its
+  logic is tested. It has no loss scaling, so it refuses fp16.
+
+Both compute under the run's precision.Precision; the logits and the loss are fp32 whatever it is.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import torch
 import torch.nn as nn
 
 from data import PAD_TOKEN, Batch
+from precision import Precision, store_frozen_weights
 
 IGNORE_INDEX = -100  # label of pad rows: F.cross_entropy's default ignore_index, so they carry zero weight
 BUCKETS = (8, 12, 16, 24, 32, 48, 64)  # a CoLA epoch computes 1.27x its real tokens (1.07x padded to the longest)
@@ -25,29 +28,25 @@ WARMUP_STEPS = 3  # eager steps on a side stream before a capture, as torch's CU
 LossFn = Callable[[torch.Tensor, Batch], torch.Tensor]
 
 
-def autocast(device: torch.device, cache: bool = True):
-    """bf16 autocast on CUDA; full precision elsewhere (CPU bf16 is slower for these shapes). Under CUDA-graph
-    capture autocast's cache of casted weights must be off (cache=False)."""
-    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda", cache_enabled=cache)
-
-
 class RunningMetrics:
-    """An epoch's training loss, accuracy and first non-finite loss, summed on the device. update() only
-    queues device work (it is captured into the CUDA graph too); read() waits for the device, so fit calls
-    it every few dozen steps and at the end of the epoch."""
+    """An epoch's training loss, accuracy, first non-finite loss and steps skipped by the loss scaler, summed on
+    the device. update() only queues device work (it is captured into the CUDA graph too); read() waits for the
+    device, so fit calls it every few dozen steps and at the end of the epoch."""
 
-    LOSS, ROWS, CORRECT, LABELLED, STEPS, BAD_STEP, BAD_LOSS = range(7)
+    LOSS, ROWS, CORRECT, LABELLED, STEPS, BAD_STEP, BAD_LOSS, SKIPPED = range(8)
 
     def __init__(self, device: torch.device):
         # float64 counts are exact (MPS has no float64: float32 counts stay exact below 2^24 rows)
-        self.sums = torch.zeros(7, dtype=torch.float32 if device.type == "mps" else torch.float64, device=device)
+        self.sums = torch.zeros(8, dtype=torch.float32 if device.type == "mps" else torch.float64, device=device)
 
     def reset(self) -> None:
         self.sums.zero_()
 
-    def update(self, loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor, rows: int | torch.Tensor) -> None:
+    def update(self, loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor, rows: int | torch.Tensor,
+               skipped: float | torch.Tensor = 0.0) -> None:
         """loss: the batch's mean loss (0-dim); logits (B, n_classes); labels (B,), negative for rows that
-        count in no accuracy (unlabelled -1, pad rows IGNORE_INDEX); rows: the batch's real rows."""
+        count in no accuracy (unlabelled -1, pad rows IGNORE_INDEX); rows: the batch's real rows; skipped: 1 if
+        the loss scaler skipped this step (its gradients overflowed), else 0."""
         s, loss = self.sums, loss.detach().to(self.sums.dtype)
         s[self.STEPS].add_(1)
         first_bad = ~torch.isfinite(loss) & (s[self.BAD_STEP] == 0)
@@ -57,35 +56,53 @@ class RunningMetrics:
         s[self.ROWS].add_(rows)
         s[self.CORRECT].add_((logits.argmax(-1) == labels).sum())  # a negative label never matches
         s[self.LABELLED].add_((labels >= 0).sum())
+        s[self.SKIPPED].add_(skipped)
 
     def read(self) -> dict:
-        """{"loss", "acc"} so far this epoch, and the first non-finite loss: its step (1-based, 0 if none)
-        and value. One host synchronisation."""
-        loss, rows, correct, labelled, _, bad_step, bad_loss = self.sums.tolist()
+        """{"loss", "acc", "skipped"} so far this epoch, and the first non-finite loss: its step (1-based, 0 if
+        none) and value. One host synchronisation."""
+        loss, rows, correct, labelled, _, bad_step, bad_loss, skipped = self.sums.tolist()
         return {"loss": loss / max(rows, 1), "acc": correct / max(labelled, 1), "bad_step": int(bad_step),
-                "bad_loss": bad_loss}
+                "bad_loss": bad_loss, "skipped": int(skipped)}
 
 
 class EagerStep:
-    """The step as PyTorch runs it op by op: any batch shape, any device."""
+    """The step as PyTorch runs it op by op: any batch shape, any device, any precision.
+
+    fp16 scales the loss (scaler: precision.make_scaler() unless given), unscales the gradients before they
+    are clipped, and lets the scaler skip a step whose gradients overflowed and lower its scale. Such a step is
+    counted in the metrics (skipped), not treated as a non-finite loss. With fused AdamW (CPU, CUDA) nothing
+    waits for the device: the optimizer reads the scaler's found-inf flag on the device."""
 
     def __init__(self, forward: Callable, loss_fn: LossFn, optimizer: torch.optim.Optimizer, grad_clip: float,
-                 metrics: RunningMetrics, device: torch.device):
+                 metrics: RunningMetrics, device: torch.device, precision: Precision,
+                 scaler: torch.amp.GradScaler | None = None):
         self.forward, self.loss_fn, self.optimizer, self.grad_clip = forward, loss_fn, optimizer, grad_clip
-        self.metrics, self.device = metrics, device
+        self.metrics, self.device, self.precision = metrics, device, precision
+        self.scaler = precision.make_scaler() if scaler is None else scaler
         self.params = [p for g in optimizer.param_groups for p in g["params"]]
 
     def __call__(self, batch: Batch) -> None:
         batch = batch.to(self.device)
-        with autocast(self.device):
+        with self.precision.autocast():
             logits = self.forward(batch.ids, batch.lengths).float()  # (B, n_classes)
         loss = self.loss_fn(logits, batch)
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        self.scaler.scale(loss).backward()
+        skipped = self._unscale()
         if self.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip)
-        self.optimizer.step()
-        self.metrics.update(loss, logits, batch.labels, batch.labels.size(0))
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.metrics.update(loss, logits, batch.labels, batch.labels.size(0), skipped)
+
+    def _unscale(self) -> float | torch.Tensor:
+        """With loss scaling: divide the gradients by the scale (so that clipping sees their true norm) and
+        return the scaler's flag, a device tensor, 1 if any gradient is inf or nan (scaler.step then skips)."""
+        if not self.scaler.is_enabled():
+            return 0.0
+        self.scaler.unscale_(self.optimizer)
+        return sum(self.scaler._found_inf_per_device(self.optimizer).values())
 
 
 def bucket_length(length: int, buckets: tuple[int, ...] = BUCKETS) -> int:
@@ -109,17 +126,6 @@ def pad_batch(batch: Batch, batch_size: int, length: int) -> Batch:
     index = torch.zeros(batch_size, dtype=torch.long)
     lengths[:B], labels[:B], index[:B] = batch.lengths, batch.labels, batch.index
     return Batch(ids, lengths, labels, index)
-
-
-def frozen_to_bf16(model: nn.Module) -> None:
-    """Store the frozen weights and biases of every linear layer and of the token embedding in bf16, so autocast
-    stops re-casting them every step (most of the 821 copy kernels of a gpt2-medium step). LoRA's A and B, the
-    head, the LayerNorms and wpe stay fp32; fp32 wpe keeps the residual stream (wte + wpe) in fp32."""
-    for name, m in model.named_modules():
-        if isinstance(m, (nn.Linear, nn.Embedding)) and not name.endswith("wpe"):
-            for p in (m.weight, getattr(m, "bias", None)):
-                if p is not None and not p.requires_grad:
-                    p.data = p.data.to(torch.bfloat16)
 
 
 @contextmanager
@@ -154,10 +160,13 @@ class FixedShapeStep:
     """
 
     def __init__(self, model: nn.Module, loss_fn: LossFn, optimizer: torch.optim.Optimizer, grad_clip: float,
-                 batch_size: int, metrics: RunningMetrics, device: torch.device, graphs: bool,
+                 batch_size: int, metrics: RunningMetrics, device: torch.device, precision: Precision, graphs: bool,
                  buckets: tuple[int, ...] = BUCKETS):
+        if precision.loss_scaling:
+            raise ValueError("FixedShapeStep has no loss scaling: train fp16 with EagerStep")
         self.model, self.loss_fn, self.optimizer, self.grad_clip = model, loss_fn, optimizer, grad_clip
         self.batch_size, self.metrics, self.device, self.buckets = batch_size, metrics, device, buckets
+        self.precision = precision
         self.capture = graphs and device.type == "cuda"
         self.params = [p for g in optimizer.param_groups for p in g["params"]]
         with torch.no_grad():
@@ -166,7 +175,7 @@ class FixedShapeStep:
         self.buffers: dict[int, torch.Tensor] = {}  # bucket length -> (batch_size, length + 3) int64
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         if self.capture:
-            frozen_to_bf16(model)
+            store_frozen_weights(model, precision.dtype)
             self.lrs = [torch.zeros((), device=device) for _ in optimizer.param_groups]
 
     def __call__(self, batch: Batch) -> None:
@@ -189,7 +198,7 @@ class FixedShapeStep:
 
     def _step(self, static: Batch) -> None:
         """Device work only, nothing read back to the host: what a graph captures."""
-        with autocast(self.device, cache=False):
+        with self.precision.autocast(cache=False):
             logits = self.model.classify(static.ids, static.lengths).float()  # (batch_size, n_classes)
         loss = self.loss_fn(logits, static)
         self.optimizer.zero_grad(set_to_none=False)

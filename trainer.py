@@ -21,6 +21,7 @@ from cli import CHECKPOINT, METRICS, PREDICTIONS
 from data import Batch, Dataset, epoch_seed, iterate, num_batches
 from errors import UserError
 from metrics import describe, evaluate, prior_loss
+from precision import Precision
 from report import plot_curves
 from train_step import EagerStep, FixedShapeStep, RunningMetrics
 
@@ -90,14 +91,16 @@ def warmup_linear(total_steps: int, warmup_ratio: float) -> Callable[[int], floa
 
 
 def fit(model: nn.Module, train_ds: Dataset, val_ds: Dataset, loss_fn: LossFn, args: argparse.Namespace,
-        config: dict, run_name: str, save_best: Callable[[], None], cuda_graphs: bool = False) -> dict:
-    """Train for args.epochs, evaluating on val_ds after each epoch.
+        config: dict, run_name: str, save_best: Callable[[], None], precision: Precision,
+        cuda_graphs: bool = False) -> dict:
+    """Train for args.epochs under `precision`, evaluating on val_ds after each epoch.
 
-    No step waits for the device: loss, accuracy and the first non-finite loss are summed there and read every
-    SYNC_EVERY steps. cuda_graphs: the fixed-shape step (train_step.FixedShapeStep), graphed on CUDA; its loss
-    must ignore label -100. After every epoch: metrics.json, the curves (report.plot_curves), save_best() and the
-    dev predictions if dev MCC improved, and a resumable checkpoint (trainable weights, optimizer, scheduler,
-    RNG). Returns the metrics dict.
+    No step waits for the device: loss, accuracy, the first non-finite loss and the steps the fp16 loss scaler
+    skipped are summed there and read every SYNC_EVERY steps. cuda_graphs: the fixed-shape step
+    (train_step.FixedShapeStep), graphed on CUDA (not with fp16, which it cannot scale); its loss must ignore
+    label -100. After every epoch: metrics.json, the curves (report.plot_curves), save_best() and the dev
+    predictions if dev MCC improved, and a resumable checkpoint (trainable weights, optimizer, scheduler, loss
+    scaler, RNG). Returns the metrics dict.
     """
     device = next(model.parameters()).device
     out_dir, plots_dir = Path(args.out_dir), Path(args.plots_dir)
@@ -108,6 +111,7 @@ def fit(model: nn.Module, train_ds: Dataset, val_ds: Dataset, loss_fn: LossFn, a
     metrics = {"config": config, "majority_baseline": {"val_acc": val_ds.majority_acc, "val_loss": prior_loss(val_ds)},
                "epochs": [], "best_epoch": None, "best": None}
 
+    scaler = precision.make_scaler()
     ckpt_path = out_dir / CHECKPOINT
     if args.resume:
         tensors, state = load_checkpoint(ckpt_path)
@@ -119,6 +123,8 @@ def fit(model: nn.Module, train_ds: Dataset, val_ds: Dataset, loss_fn: LossFn, a
                 p.copy_(tensors[f"model.{k}"])
         load_optimizer(optimizer, tensors, state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
+        if scaler.is_enabled():
+            scaler.load_state_dict(state["scaler"])  # its scale and growth tracker, where the run stopped
         torch.set_rng_state(tensors["rng.cpu"])
         if device.type == "cuda":
             torch.cuda.set_rng_state(tensors["rng.cuda"], device)
@@ -126,14 +132,17 @@ def fit(model: nn.Module, train_ds: Dataset, val_ds: Dataset, loss_fn: LossFn, a
         print(f"resumed from {ckpt_path} after epoch {len(metrics['epochs'])}")
 
     running = RunningMetrics(device)
-    if cuda_graphs and device.type == "cuda":
+    if cuda_graphs and device.type == "cuda" and not precision.loss_scaling:
         train_step = FixedShapeStep(model, loss_fn, optimizer, args.grad_clip, args.batch_size, running, device,
-                                    graphs=True)
+                                    precision, graphs=True)
     else:
-        if cuda_graphs:
+        if cuda_graphs and device.type != "cuda":
             print(f"--cuda_graphs is ignored on {device.type} (CUDA only): training eagerly")
+        elif cuda_graphs:
+            print("--cuda_graphs does not support fp16 (its loss scaling is not graphed): training eagerly; "
+                  "--precision bf16 or fp32 can be graphed")
         forward = torch.compile(model.classify, dynamic=True) if args.compile else model.classify
-        train_step = EagerStep(forward, loss_fn, optimizer, args.grad_clip, running, device)
+        train_step = EagerStep(forward, loss_fn, optimizer, args.grad_clip, running, device, precision, scaler)
     for epoch in range(len(metrics["epochs"]) + 1, args.epochs + 1):
         model.train()
         t0 = time.time()
@@ -152,8 +161,9 @@ def fit(model: nn.Module, train_ds: Dataset, val_ds: Dataset, loss_fn: LossFn, a
                     raise UserError(f"loss is {so_far['bad_loss']} at epoch {epoch} step {so_far['bad_step']}; "
                                     f"stopped. {kept}: try a lower --lr")
                 bar.set_postfix(loss=f"{so_far['loss']:.4f}", acc=f"{so_far['acc']:.3f}")
-        val = evaluate(model, val_ds, args.eval_batch_size, device, desc="dev")
+        val = evaluate(model, val_ds, args.eval_batch_size, device, precision, desc="dev")
         record = {"epoch": epoch, "train_loss": so_far["loss"], "train_acc": so_far["acc"],
+                  "skipped_steps": so_far["skipped"],
                   "val_loss": val["loss"], "val_acc": val["acc"], "val_mcc": val["mcc"],
                   "val_pos_rate": val["pos_rate"], "val_collapsed": val["collapsed"],
                   "lr": scheduler.get_last_lr()[0]}
@@ -173,7 +183,8 @@ def fit(model: nn.Module, train_ds: Dataset, val_ds: Dataset, loss_fn: LossFn, a
         if device.type == "cuda":
             tensors["rng.cuda"] = torch.cuda.get_rng_state(device)
         save_checkpoint(ckpt_path, tensors, {"config": config, "optimizer": opt_meta,
-                                             "scheduler": scheduler.state_dict(), "metrics": metrics})
+                                             "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+                                             "metrics": metrics})
     return metrics
 
 
@@ -194,9 +205,9 @@ def save_predictions(out_dir: Path, split: str, ds: Dataset, probs: torch.Tensor
 
 
 def report_ood(metrics: dict, model: nn.Module, ood_ds: Dataset, batch_size: int, device: torch.device,
-               out_dir: Path) -> None:
+               precision: Precision, out_dir: Path) -> None:
     """Score the best checkpoint on out-of-domain dev: reported, never used to choose an epoch."""
-    stats = evaluate(model, ood_ds, batch_size, device, desc="ood dev")
+    stats = evaluate(model, ood_ds, batch_size, device, precision, desc="ood dev")
     save_predictions(Path(out_dir), "ood_dev", ood_ds, stats.pop("probs"), metrics["best_epoch"])
     metrics["ood_dev"] = {**stats, "majority_acc": ood_ds.majority_acc}
     print(f"best epoch {metrics['best_epoch']}: dev {describe({k[4:]: v for k, v in metrics['best'].items() if k.startswith('val_')}, metrics['majority_baseline']['val_acc'])}")

@@ -29,7 +29,7 @@ from distill import kd_loss, make_kd_loss  # noqa: E402
 from lora import inject_lora  # noqa: E402
 from model import GPT, HUB_VARIANTS, DistilRNN, GPTConfig  # noqa: E402
 from metrics import predict_logits  # noqa: E402
-from train_step import autocast  # noqa: E402
+from precision import choose_precision, device_line, store_frozen_weights  # noqa: E402
 from trainer import fit  # noqa: E402
 
 SHARED_COLA = Path(__file__).resolve().parents[2] / "shared" / "cola"
@@ -38,6 +38,7 @@ SHARED_COLA = Path(__file__).resolve().parents[2] / "shared" / "cola"
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="auto")
+    p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"), help="as train_distil.py's")
     p.add_argument("--teacher-shape", default="gpt2", choices=tuple(HUB_VARIANTS))
     p.add_argument("--data-dir", default=str(SHARED_COLA) if SHARED_COLA.is_dir() else "data")
     p.add_argument("--max-train-samples", type=int, default=2000)
@@ -45,6 +46,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=2, help="epochs timed per variant (median reported)")
     a = p.parse_args()
     device = pick_device(a.device)
+    precision = choose_precision(device, a.precision)
     data = load_cola(a.data_dir, a.max_train_samples)
     train, dev = data["train"], data["dev"]
 
@@ -52,14 +54,15 @@ def main() -> None:
     torch.manual_seed(0)
     teacher = GPT(GPTConfig(n_layer=n_layer, n_head=n_head, n_embd=n_embd))
     inject_lora(teacher, 8, 16.0)
+    store_frozen_weights(teacher, precision.dtype)  # as distill.teacher_logits does
     teacher.to(device).eval()
 
     t0 = time.perf_counter()
-    cached = predict_logits(teacher, train, a.batch_size, device)  # what distill.teacher_logits does once
+    cached = predict_logits(teacher, train, a.batch_size, device, precision)  # what distill.teacher_logits does once
     cache_s = time.perf_counter() - t0
 
     def teacher_in_loop(logits: torch.Tensor, batch) -> torch.Tensor:
-        with torch.no_grad(), autocast(device):
+        with torch.no_grad(), precision.autocast():
             t = teacher.classify(batch.ids, batch.lengths).float()
         return kd_loss(logits, t, batch.labels, 2.0, 0.7)
 
@@ -80,7 +83,7 @@ def main() -> None:
                 if device.type == "cuda":
                     torch.cuda.synchronize()
                 t0 = time.perf_counter()
-                fit(student, train, dev, loss_fn, args, {}, "bench", lambda: None)
+                fit(student, train, dev, loss_fn, args, {}, "bench", lambda: None, precision)
                 if device.type == "cuda":
                     torch.cuda.synchronize()
                 if rep > 0:
@@ -88,6 +91,7 @@ def main() -> None:
 
     base = statistics.median(times["rnn (labels only)"])
     cpu = platform.processor() or platform.machine()
+    print(device_line(device, precision))
     print(f"device {device} ({torch.cuda.get_device_name() if device.type == 'cuda' else cpu}, "
           f"{torch.get_num_threads()} threads), torch {torch.__version__}, teacher shape {a.teacher_shape}, "
           f"{len(train)} train sentences, batch {a.batch_size}; one epoch incl. dev eval, median of {a.repeats}")

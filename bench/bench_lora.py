@@ -8,8 +8,10 @@ GPT2ForSequenceClassification + PEFT LoRA, on the same random GPT-2 weights and 
 
 Both sides: LoRA r=8, alpha=16, dropout 0.1 on c_attn, attn.c_proj, c_fc, mlp.c_proj (PEFT: target_modules
 c_attn, c_proj, c_fc with fan_in_fan_out), the same A (B is zero), the same `score` head (trained, as is B and
-A), GPT-2's own dropout 0, AdamW at the same lr with trainer.py's step (clip at 1.0), bf16 autocast on CUDA.
-Before timing, both must give the same logits (eval, fp32, random B) to 1e-4.
+A), GPT-2's own dropout 0, AdamW at the same lr with trainer.py's step (clip at 1.0), under --precision (auto as
+train_lora.py: bf16 on CUDA >= 8.0, fp16 with loss scaling below, fp32 on CPU); ours stores its frozen weights in
+the compute dtype, as train_lora.py does. Before timing, both must give the same logits (eval, fp32, random B)
+to 1e-4.
 
 Timing alternates the sides in rounds of --round batches (each side going first in turn), after --warmup steps
 each; a side's throughput is all its timed tokens over all its timed seconds, and each printed ratio is the
@@ -30,6 +32,7 @@ from common import (LORA, GraphedSide, Side, add_args, baseline_logits, bf16_pea
                     build_ours, check_equivalence, checkpoint, cola_batches, machine, median, memory_rows,
                     num_trainable, ours_logits, padded_tokens, real_tokens, run_worker, setup, table, timed,
                     train_flops_per_token, training_memory)
+from precision import device_line, store_frozen_weights
 
 
 def build_sides(args, device):
@@ -41,14 +44,16 @@ def build_sides(args, device):
 
 def worker(args) -> None:
     """One side alone in this process: peak memory of its training steps (printed as a JSON line)."""
-    device = setup(args)
+    device, precision = setup(args)
     ckpt = checkpoint(args.variant_shape, args.cache_dir)
     model, fn = build_ours(ckpt, args.seed), ours_logits
     if args.worker == "baseline":
         model, fn = build_baseline(ckpt, model), baseline_logits
+    else:
+        store_frozen_weights(model, precision.dtype)
     model.to(device)
     train, _ = cola_batches(args.data_dir, args.batch_size, args.seed, device)
-    side = Side(args.worker, model, fn, device, args.lr, args.compile)
+    side = Side(args.worker, model, fn, device, precision, args.lr, args.compile)
     if args.compile:  # compiling allocates far more than training: keep it out of the measurement
         timed(side.train_step, train[:args.memory_steps] + [max(train, key=lambda b: b.ids.numel())], device)
     print(json.dumps(training_memory(side, train, args.memory_steps, device)))
@@ -88,20 +93,22 @@ def main() -> None:
         return worker(args)
 
     t_start = time.time()
-    device = setup(args)
-    print(f"# {machine()}\n# python bench/bench_lora.py {' '.join(sys.argv[1:])}", flush=True)
+    device, precision = setup(args)
+    print(f"# {machine()}\n# python bench/bench_lora.py {' '.join(sys.argv[1:])}\n# {device_line(device, precision)}",
+          flush=True)
     ours, baseline = build_sides(args, device)
     train, dev = cola_batches(args.data_dir, args.batch_size, args.seed, device)
     diff = check_equivalence(ours, baseline, dev[len(dev) // 2], device)
     assert num_trainable(ours) == num_trainable(baseline), (num_trainable(ours), num_trainable(baseline))
-    sides = [Side("ours", ours, ours_logits, device, args.lr, args.compile),
-             Side("baseline", baseline, baseline_logits, device, args.lr, args.compile)]
+    store_frozen_weights(ours, precision.dtype)  # after the fp32 equivalence check
+    sides = [Side("ours", ours, ours_logits, device, precision, args.lr, args.compile),
+             Side("baseline", baseline, baseline_logits, device, precision, args.lr, args.compile)]
 
     if args.cuda_graphs:
-        if device.type != "cuda":
-            raise SystemExit("--cuda-graphs needs a CUDA device")
+        if device.type != "cuda" or precision.loss_scaling:
+            raise SystemExit("--cuda-graphs needs a CUDA device and --precision bf16 or fp32 (no fp16 scaling)")
         model = build_ours(checkpoint(args.variant_shape, args.cache_dir), args.seed).to(device)
-        sides.insert(1, GraphedSide("ours, CUDA graphs", model, device, args.lr, args.batch_size, train))
+        sides.insert(1, GraphedSide("ours, CUDA graphs", model, device, precision, args.lr, args.batch_size, train))
 
     if args.profile:
         return profile(sides, train[:args.profile], device)

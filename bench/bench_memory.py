@@ -18,14 +18,16 @@ import time
 
 from common import (Side, add_args, build_ours, checkpoint, cola_batches, machine, num_trainable, ours_logits,
                     memory_rows, run_worker, setup, table, training_memory)
+from precision import store_frozen_weights
 
 
 def worker(args) -> None:
-    device = setup(args)
+    device, precision = setup(args)
     model = build_ours(checkpoint(args.variant_shape, args.cache_dir), args.seed, lora=args.worker == "lora")
+    store_frozen_weights(model, precision.dtype)  # as train_lora.py does (full fine-tuning freezes nothing)
     model.to(device)
     train, _ = cola_batches(args.data_dir, args.batch_size, args.seed, device)
-    side = Side(args.worker, model, ours_logits, device, args.lr, compile=False)
+    side = Side(args.worker, model, ours_logits, device, precision, args.lr, compile=False)
     params = {id(p): p for p in model.parameters()}.values()  # wte and lm_head are one tensor
     print(json.dumps({**training_memory(side, train, args.steps, device), "trainable": num_trainable(model),
                       "total": sum(p.numel() for p in params)}))
@@ -41,7 +43,7 @@ def main() -> None:
         return worker(args)
 
     t0 = time.time()
-    device = setup(args)
+    device, _ = setup(args)
     print(f"# {machine()}\n# python bench/bench_memory.py {' '.join(sys.argv[1:])}", flush=True)
     checkpoint(args.variant_shape, args.cache_dir)  # written once, before either process times anything
     res = {side: run_worker(__file__, [*sys.argv[1:], "--worker", side]) for side in ("lora", "full")}

@@ -1,6 +1,7 @@
 """What the benchmarks share and the product does not have: a random GPT-2 checkpoint, the transformers + PEFT
 baseline built from our model's weights, timing, and peak-memory measurement. Loading, batching, the device
-choice, autocast and the training step itself are the product's own (model, data, cli, train_step).
+and precision choice, autocast and the training step itself are the product's own (model, data, cli,
+precision, train_step).
 
 Run from the repository root (python bench/bench_lora.py ...); this file puts the root on sys.path.
 """
@@ -34,7 +35,8 @@ from cli import pick_device  # noqa: E402
 from data import PAD_TOKEN, Batch, iterate, load_cola  # noqa: E402
 from lora import TARGETS, inject_lora, lora_modules  # noqa: E402
 from model import GPT  # noqa: E402
-from train_step import EagerStep, FixedShapeStep, RunningMetrics, autocast, bucket_length  # noqa: E402
+from precision import Precision, choose_precision  # noqa: E402
+from train_step import EagerStep, FixedShapeStep, RunningMetrics, bucket_length  # noqa: E402
 from trainer import make_optimizer  # noqa: E402
 
 # (n_layer, n_head, n_embd); the vocabulary and context stay GPT-2's, since the batches are real CoLA tokens.
@@ -47,6 +49,8 @@ DEFAULT_DATA = ROOT.parent / "shared" / "cola" if (ROOT.parent / "shared" / "col
 
 def add_args(p) -> None:
     p.add_argument("--device", default="auto", help="auto picks cuda if available, else cpu")
+    p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
+                   help="as train_lora.py's: auto is bf16 on CUDA >= 8.0, fp16 (loss-scaled) below, fp32 on CPU")
     p.add_argument("--variant-shape", default="gpt2", choices=list(SHAPES))
     p.add_argument("--compile", action="store_true", help="torch.compile both sides (dynamic shapes)")
     p.add_argument("--data-dir", default=str(DEFAULT_DATA), help="a --data_dir holding CoLA")
@@ -58,10 +62,11 @@ def add_args(p) -> None:
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's, one per core)")
 
 
-def setup(args) -> torch.device:
+def setup(args) -> tuple[torch.device, Precision]:
     if args.threads:
         torch.set_num_threads(args.threads)
-    return pick_device(args.device)
+    device = pick_device(args.device)
+    return device, choose_precision(device, args.precision)
 
 
 def sync(device: torch.device) -> None:
@@ -172,34 +177,36 @@ def check_equivalence(ours: GPT, baseline: nn.Module, batch: Batch, device: torc
 
 
 class Side:
-    """One model being benchmarked, trained by the product's own step (train_step.EagerStep: forward, cross-entropy,
-    backward, clip at 1.0, trainer.py's AdamW), so both sides pay for exactly what trainer.fit does per batch."""
+    """One model being benchmarked, trained by the product's own step (train_step.EagerStep: forward under the
+    precision's autocast, cross-entropy, backward (loss-scaled in fp16), clip at 1.0, trainer.py's AdamW), so both
+    sides pay for exactly what trainer.fit does per batch."""
 
-    def __init__(self, name: str, model: nn.Module, logits_fn, device: torch.device, lr: float, compile: bool):
-        self.name, self.model, self.device = name, model, device
+    def __init__(self, name: str, model: nn.Module, logits_fn, device: torch.device, precision: Precision, lr: float,
+                 compile: bool):
+        self.name, self.model, self.device, self.precision = name, model, device, precision
         self.opt = make_optimizer(model, lr, weight_decay=0.01)
         fwd = (lambda ids, lengths: logits_fn(model, ids, lengths))
         self.forward = torch.compile(fwd, dynamic=True) if compile else fwd
         self.train_step = EagerStep(self.forward, lambda logits, b: F.cross_entropy(logits, b.labels), self.opt, 1.0,
-                                    RunningMetrics(device), device)
+                                    RunningMetrics(device), device, precision)
 
     @torch.no_grad()
     def eval_step(self, batch: Batch) -> torch.Tensor:
-        with autocast(self.device):
+        with self.precision.autocast():
             return self.forward(batch.ids, batch.lengths).float()
 
 
 class GraphedSide:
     """Ours as train_lora.py --cuda_graphs trains it: train_step.FixedShapeStep (fixed shapes, one CUDA graph per
-    length bucket, frozen weights in bf16), fed CPU batches as trainer.fit feeds it (the copy to the device,
-    one pinned buffer a step, is timed; the other sides get their batches already on the device)."""
+    length bucket, frozen weights in the compute dtype), fed CPU batches as trainer.fit feeds it (the copy to the
+    device, one pinned buffer a step, is timed; the other sides get their batches already on the device)."""
 
-    def __init__(self, name: str, model: nn.Module, device: torch.device, lr: float, batch_size: int,
-                 batches: list[Batch]):
+    def __init__(self, name: str, model: nn.Module, device: torch.device, precision: Precision, lr: float,
+                 batch_size: int, batches: list[Batch]):
         self.name, self.model = name, model
         self.opt = make_optimizer(model, lr, weight_decay=0.01)
         self.step = FixedShapeStep(model, lambda logits, b: F.cross_entropy(logits, b.labels), self.opt, 1.0,
-                                   batch_size, RunningMetrics(device), device, graphs=True)
+                                   batch_size, RunningMetrics(device), device, precision, graphs=True)
         self.on_host = {id(b): Batch(*(t.cpu() for t in (b.ids, b.lengths, b.labels, b.index))) for b in batches}
 
     def train_step(self, batch: Batch) -> None:

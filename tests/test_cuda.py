@@ -15,12 +15,13 @@ from conftest import make_gpt2_checkpoint
 from data import Dataset, collate, iterate
 from lora import inject_lora, lora_modules, merge_lora, unmerge_lora
 from model import GPT, DistilRNN
+from precision import Precision
 from train_step import EagerStep, FixedShapeStep, RunningMetrics, bucket_length
-from train_step import autocast
 from trainer import make_optimizer, warmup_linear
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 CUDA = torch.device("cuda")
+BF16 = Precision("bf16", "cuda")
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +50,7 @@ def test_bf16_autocast_classify_is_close_to_fp32_and_trains(gpt2_shape, cola):
     model.eval()
     with torch.no_grad():
         fp32 = model.classify(batch.ids, batch.lengths)
-        with autocast(CUDA):
+        with BF16.autocast():
             bf16 = model.classify(batch.ids, batch.lengths)
     assert bf16.dtype == torch.bfloat16
     assert (bf16.float() - fp32).abs().max().item() < 0.05 * fp32.abs().max().item() + 1e-2
@@ -57,7 +58,7 @@ def test_bf16_autocast_classify_is_close_to_fp32_and_trains(gpt2_shape, cola):
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     losses = []
     for _ in range(20):
-        with autocast(CUDA):
+        with BF16.autocast():
             loss = F.cross_entropy(model.classify(batch.ids, batch.lengths).float(), batch.labels)
         opt.zero_grad()
         loss.backward()
@@ -140,8 +141,8 @@ def test_graphed_steps_match_eager_steps_in_bf16(gpt2_shape, cola, capsys):
     batches = _batches(cola)
     eager_model, graph_model = _lora_model(gpt2_shape), _lora_model(gpt2_shape)
     opt_e, opt_g = make_optimizer(eager_model, 4e-4, 0.01), make_optimizer(graph_model, 4e-4, 0.01)
-    eager = EagerStep(eager_model.classify, _ce, opt_e, 1.0, RunningMetrics(CUDA), CUDA)
-    graphed = FixedShapeStep(graph_model, _ce, opt_g, 1.0, 32, RunningMetrics(CUDA), CUDA, graphs=True)
+    eager = EagerStep(eager_model.classify, _ce, opt_e, 1.0, RunningMetrics(CUDA), CUDA, BF16)
+    graphed = FixedShapeStep(graph_model, _ce, opt_g, 1.0, 32, RunningMetrics(CUDA), CUDA, BF16, graphs=True)
     le, lg = _losses(eager, opt_e, batches), _losses(graphed, opt_g, batches)
     assert "capturing" not in capsys.readouterr().out  # no fallback happened
     assert len(graphed.graphs) >= 2  # one graph per length bucket seen
@@ -157,7 +158,7 @@ def test_graphed_step_trains_with_lora_dropout(gpt2_shape, cola):
     capture): it fits a fixed batch, as test_bf16_autocast_classify_is_close_to_fp32_and_trains does eagerly."""
     model = _lora_model(gpt2_shape, dropout=0.1)
     opt = make_optimizer(model, 1e-3, 0.0)
-    step = FixedShapeStep(model, _ce, opt, 0.0, 32, RunningMetrics(CUDA), CUDA, graphs=True)
+    step = FixedShapeStep(model, _ce, opt, 0.0, 32, RunningMetrics(CUDA), CUDA, BF16, graphs=True)
     batch = collate(cola["dev"], list(range(32)))
     losses = _losses(step, opt, [batch] * 20, schedule=False)
     assert len(step.graphs) == 1 and losses[-1] < 0.5 * losses[0], losses
@@ -174,8 +175,8 @@ def test_capture_failure_falls_back_to_eager_with_one_line(gpt2_shape, cola, cap
     batches = _batches(cola, n=6)
     eager_model, fallback_model = _lora_model(gpt2_shape), _lora_model(gpt2_shape)
     opt_e, opt_f = make_optimizer(eager_model, 4e-4, 0.01), make_optimizer(fallback_model, 4e-4, 0.01)
-    eager = EagerStep(eager_model.classify, _ce, opt_e, 1.0, RunningMetrics(CUDA), CUDA)
-    fallback = FixedShapeStep(fallback_model, syncing_ce, opt_f, 1.0, 32, RunningMetrics(CUDA), CUDA, graphs=True)
+    eager = EagerStep(eager_model.classify, _ce, opt_e, 1.0, RunningMetrics(CUDA), CUDA, BF16)
+    fallback = FixedShapeStep(fallback_model, syncing_ce, opt_f, 1.0, 32, RunningMetrics(CUDA), CUDA, BF16, graphs=True)
     le, lf = _losses(eager, opt_e, batches), _losses(fallback, opt_f, batches)
     lines = [ln for ln in capsys.readouterr().out.splitlines() if "cuda_graphs" in ln]
     assert len(lines) == 1 and "training continues eagerly" in lines[0], lines

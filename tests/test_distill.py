@@ -20,8 +20,10 @@ from distill import UNLABELLED, augment, kd_loss, perturb, teacher_logits
 from lora import inject_lora, save_adapter
 from model import GPT, DistilRNN
 from metrics import predict_logits
+from precision import Precision
 
 CPU = torch.device("cpu")
+FP32 = Precision("fp32", "cpu")
 
 
 # ---------------------------------------------------------------- the loss
@@ -156,7 +158,7 @@ def make_random_teacher(out_dir: Path, ckpt: Path, cola, seed: int) -> float:
                               "lora_targets": ["c_attn", "attn.c_proj", "c_fc", "mlp.c_proj"], "rslora": False,
                               "n_layer": c.n_layer, "n_head": c.n_head, "n_embd": c.n_embd,
                               "vocab_size": c.vocab_size, "n_classes": c.n_classes})
-    return float(predict_logits(m, cola["dev"], 128, CPU).argmax(-1).float().mean())
+    return float(predict_logits(m, cola["dev"], 128, CPU, FP32).argmax(-1).float().mean())
 
 
 def make_bag_of_words_gpt2(path: Path, n_embd: int = 32) -> Path:
@@ -190,7 +192,7 @@ def random_teacher(tmp_path_factory, cola) -> Path:
     for seed in range(20):
         out = tmp_path_factory.mktemp(f"teacher{seed}")
         pos = make_random_teacher(out, ckpt, cola, seed)
-        logits = teacher_logits(out, {"dev": cola["dev"]}, out / "cache", 128, CPU)["dev"]
+        logits = teacher_logits(out, {"dev": cola["dev"]}, out / "cache", 128, CPU, FP32)["dev"]
         agree_gold = float((logits.argmax(-1).float() == gold).float().mean())
         if 0.3 < pos < 0.7 and agree_gold < 0.6:
             return out
@@ -213,14 +215,14 @@ def test_distillation_transfers_the_teachers_function(random_teacher, tmp_path, 
     distilled = train_distil.train(distil_args(random_teacher, tmp_path, cola_dir, "--mode", "distil",
                                                "--alpha", "1", *common))
     gold = train_distil.train(distil_args(random_teacher, tmp_path, cola_dir, "--mode", "rnn", *common))
-    t = teacher_logits(random_teacher, {"dev": cola["dev"]}, tmp_path / "cache", 128, CPU)["dev"].argmax(-1)
+    t = teacher_logits(random_teacher, {"dev": cola["dev"]}, tmp_path / "cache", 128, CPU, FP32)["dev"].argmax(-1)
 
     def agreement_of(run: str) -> float:
         from safetensors.torch import load_file
         cfg = json.loads((tmp_path / run / "student_config.json").read_text())
         m = DistilRNN(**cfg)
         m.load_state_dict(load_file(str(tmp_path / run / "student.safetensors")))
-        return float((predict_logits(m, cola["dev"], 128, CPU).argmax(-1) == t).float().mean())
+        return float((predict_logits(m, cola["dev"], 128, CPU, FP32).argmax(-1) == t).float().mean())
 
     a_distil, a_gold = agreement_of("distil"), agreement_of("rnn")
     assert distilled["teacher_agreement_dev"] == pytest.approx(a_distil)

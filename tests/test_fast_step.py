@@ -25,9 +25,11 @@ from model import GPT, DistilRNN
 from train_step import (BUCKETS, IGNORE_INDEX, EagerStep, FixedShapeStep, RunningMetrics, bucket_length,
                         pad_batch)
 from cli import METRICS
+from precision import Precision
 from trainer import SYNC_EVERY, fit, make_optimizer, warmup_linear
 
 CPU = torch.device("cpu")
+FP32 = Precision("fp32", "cpu")
 
 
 @pytest.fixture
@@ -102,8 +104,8 @@ def test_fixed_shape_steps_equal_eager_steps(tiny_gpt2, cola, one_thread):
         model = lora_gpt(tiny_gpt2).train()
         optimizer = make_optimizer(model, 1e-2, 0.01)
         metrics = RunningMetrics(CPU)
-        step = (EagerStep(model.classify, cross_entropy, optimizer, 1.0, metrics, CPU) if kind == "eager" else
-                FixedShapeStep(model, cross_entropy, optimizer, 1.0, 32, metrics, CPU, graphs=True))
+        step = (EagerStep(model.classify, cross_entropy, optimizer, 1.0, metrics, CPU, FP32) if kind == "eager" else
+                FixedShapeStep(model, cross_entropy, optimizer, 1.0, 32, metrics, CPU, FP32, graphs=True))
         runs[kind] = run_steps(step, model, optimizer, batches)
     (eager_losses, eager_weights), (fixed_losses, fixed_weights) = runs["eager"], runs["fixed"]
     assert fixed_losses == pytest.approx(eager_losses, rel=1e-5, abs=1e-6)
@@ -122,7 +124,7 @@ def test_capture_warmup_is_undone(tiny_gpt2, cola, one_thread):
     for warm_up in (False, True):
         model = lora_gpt(tiny_gpt2).train()
         optimizer = make_optimizer(model, 1e-2, 0.01)
-        step = FixedShapeStep(model, cross_entropy, optimizer, 1.0, 32, RunningMetrics(CPU), CPU, graphs=False)
+        step = FixedShapeStep(model, cross_entropy, optimizer, 1.0, 32, RunningMetrics(CPU), CPU, FP32, graphs=False)
         if warm_up:
             saved = step._snapshot()
             for _ in range(3):
@@ -165,7 +167,7 @@ def test_running_metrics_equal_the_host_side_loop():
     assert read["acc"] == correct / labelled
     assert read["bad_step"] == 4 and math.isnan(read["bad_loss"])
     metrics.reset()
-    assert metrics.read() == {"loss": 0.0, "acc": 0.0, "bad_step": 0, "bad_loss": 0.0}
+    assert metrics.read() == {"loss": 0.0, "acc": 0.0, "bad_step": 0, "bad_loss": 0.0, "skipped": 0}
 
 
 def test_non_finite_loss_mid_epoch_names_its_step_before_the_epoch_ends(cola, tmp_path, one_thread):
@@ -186,7 +188,7 @@ def test_non_finite_loss_mid_epoch_names_its_step_before_the_epoch_ends(cola, tm
     torch.manual_seed(0)
     with pytest.raises(UserError) as e:
         fit(DistilRNN(embd_dim=8, hidden_size=8), train, dev, loss_fn, Namespace(**args),
-            {}, "rnn", lambda: None)
+            {}, "rnn", lambda: None, FP32)
     msg = str(e.value)
     assert re.search(r"\bloss is nan at epoch 1 step 2\b", msg) and "No epoch was completed" in msg, msg
     assert len(calls) == SYNC_EVERY < steps  # stopped at the first read, not at the end of the epoch

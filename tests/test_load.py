@@ -22,8 +22,10 @@ from data import load_cola
 from errors import UserError
 from lora import TARGETS, LoRALinear, inject_lora, save_adapter
 from model import GPT
+from precision import Precision
 
 CPU = torch.device("cpu")
+FP32 = Precision("fp32", "cpu")
 
 
 @pytest.fixture(scope="module")
@@ -269,7 +271,7 @@ def test_distil_loads_the_base_once(teacher, cola_dir, cola, tmp_path, monkeypat
     assert miss["best"] == hit["best"] and miss["teacher_agreement_dev"] == hit["teacher_agreement_dev"]
 
     dev = load_cola(cola_dir, 120, 40)["dev"]  # the run's dev rows: the cache holds their logits
-    cached = teacher_logits(teacher, {"dev": dev}, tmp_path / "cache", 256, CPU)["dev"]
-    fresh = teacher_logits(teacher, {"dev": dev}, tmp_path / "cache2", 256, CPU)["dev"]  # own load; the run's batches
+    cached = teacher_logits(teacher, {"dev": dev}, tmp_path / "cache", 256, CPU, FP32)["dev"]
+    fresh = teacher_logits(teacher, {"dev": dev}, tmp_path / "cache2", 256, CPU, FP32)["dev"]  # own load; the run's batches
     assert len(loads) == 3
     assert torch.allclose(cached, fresh, atol=1e-5) and cached.std() > 0

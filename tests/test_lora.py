@@ -17,6 +17,7 @@ from errors import UserError
 from lora import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, LoRALinear, TARGETS, build_lora_classifier, inject_lora,
                   lora_modules, merge_lora, save_adapter, unmerge_lora)
 from model import GPT
+from precision import Precision
 
 N_LAYER, N_EMBD = 2, 64
 
@@ -238,7 +239,8 @@ def test_fit_on_a_merged_model_stops_at_its_first_step(base64, cola, tmp_path):
     args = Namespace(out_dir=str(tmp_path), plots_dir=str(tmp_path), epochs=1, lr=1e-3, batch_size=32,
                      weight_decay=0.0, warmup_ratio=0.0, grad_clip=1.0, seed=0, resume=False, compile=False)
     with pytest.raises(RuntimeError, match="merged"):
-        fit(model, ds, ds, lambda logits, b: F.cross_entropy(logits, b.labels), args, {}, "lora", lambda: None)
+        fit(model, ds, ds, lambda logits, b: F.cross_entropy(logits, b.labels), args, {}, "lora", lambda: None,
+            Precision("fp32", "cpu"))
     assert not (tmp_path / CHECKPOINT).exists()
 
 

@@ -14,7 +14,6 @@ import shutil
 import statistics
 import subprocess
 import sys
-import warnings
 from argparse import Namespace
 from pathlib import Path
 
@@ -30,6 +29,7 @@ from distill import cache_key
 from errors import UserError
 from model import DistilRNN
 from cli import METRICS, PREDICTIONS
+from precision import Precision
 from trainer import fit
 
 SEEDS = (1, 2)
@@ -351,7 +351,8 @@ def test_neighbouring_seeds_do_not_share_epoch_orders(cola, tmp_path):
                          compile=False)
         Path(args.out_dir).mkdir()
         torch.manual_seed(0)
-        fit(DistilRNN(embd_dim=8, hidden_size=8), ds, ds, loss_fn, args, {}, "rnn", lambda: None)
+        fit(DistilRNN(embd_dim=8, hidden_size=8), ds, ds, loss_fn, args, {}, "rnn", lambda: None,
+            Precision("fp32", "cpu"))
         orders[seed] = [seen[:4], seen[4:]]  # 4 batches an epoch
     assert orders[0][1] != orders[1][0] and orders[0][0] != orders[1][0]
     assert len({epoch_seed(s, e) for s in range(20) for e in range(1, 21)}) == 400
@@ -374,7 +375,6 @@ def test_resume_with_a_retrained_teacher_is_refused(runs, cola_dir, tmp_path):
 
 
 def test_teacher_cache_key_has_device_and_precision(cola):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # autocast warns that CUDA is absent
-        keys = {cache_key("t", cola["dev"], torch.device(d)) for d in ("cpu", "cuda")}
-    assert len(keys) == 2
+    keys = {cache_key("t", cola["dev"], torch.device(d), Precision(p, d)) for d in ("cpu", "cuda")
+            for p in ("fp32", "bf16", "fp16")}
+    assert len(keys) == 6

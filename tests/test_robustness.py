@@ -40,10 +40,12 @@ from data import COLA_SHA256, Dataset
 from errors import UserError
 from model import DistilRNN
 from cli import CHECKPOINT, METRICS
+from precision import Precision
 from trainer import fit, load_checkpoint
 
 ENV = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", MPLBACKEND="Agg")
 TIMEOUT = 300
+FP32 = Precision("fp32", "cpu")
 
 
 def cli(script: str, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -235,7 +237,7 @@ def test_non_finite_loss_stops_with_epoch_and_step_and_keeps_the_checkpoint(cola
     torch.manual_seed(0)
     model = DistilRNN(embd_dim=8, hidden_size=8)
     with pytest.raises(UserError) as e:
-        fit(model, train, dev, loss_fn, args, {"k": 1}, "rnn", lambda: None)
+        fit(model, train, dev, loss_fn, args, {"k": 1}, "rnn", lambda: None, FP32)
     msg = str(e.value)
     assert re.search(r"\bepoch 2\b", msg) and re.search(r"\bstep 2\b", msg), msg
     assert "\n" not in msg
@@ -246,7 +248,7 @@ def test_non_finite_loss_stops_with_epoch_and_step_and_keeps_the_checkpoint(cola
     # ... and that checkpoint continues the run once the loss is sane again.
     torch.manual_seed(0)
     metrics = fit(DistilRNN(embd_dim=8, hidden_size=8), train, dev, lambda lg, b: F.cross_entropy(lg, b.labels),
-                  fit_args(tmp_path, resume=True), {"k": 1}, "rnn", lambda: None)
+                  fit_args(tmp_path, resume=True), {"k": 1}, "rnn", lambda: None, FP32)
     assert [r["epoch"] for r in metrics["epochs"]] == [1, 2, 3]
 
 

@@ -14,6 +14,7 @@ import torch
 
 from conftest import ROOT
 from data import load_cola
+from precision import Precision
 
 EPOCH_KEYS = ("train_loss", "train_acc", "val_loss", "val_acc", "val_mcc")
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -82,8 +83,8 @@ def test_adapter_files_rebuild_the_best_epoch(run, tiny_gpt2, cola_dir):
     m = json.loads((out / "metrics.json").read_text())
     model, _ = build_lora_classifier(out)
     data = load_cola(cola_dir, 1, 100)
-    dev = evaluate(model, data["dev"], 32, torch.device("cpu"))
-    ood = evaluate(model, data["ood_dev"], 32, torch.device("cpu"))
+    dev = evaluate(model, data["dev"], 32, torch.device("cpu"), Precision("fp32", "cpu"))
+    ood = evaluate(model, data["ood_dev"], 32, torch.device("cpu"), Precision("fp32", "cpu"))
     assert dev["acc"] == pytest.approx(m["best"]["val_acc"], abs=1e-9)
     assert dev["mcc"] == pytest.approx(m["best"]["val_mcc"], abs=1e-6)
     assert dev["loss"] == pytest.approx(m["best"]["val_loss"], abs=1e-5)
