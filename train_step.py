@@ -102,6 +102,7 @@ class EagerStep:
         if not self.scaler.is_enabled():
             return 0.0
         self.scaler.unscale_(self.optimizer)
+        # The flag unscale_ just computed, per device; GradScaler has no public reader that does not sync.
         return sum(self.scaler._found_inf_per_device(self.optimizer).values())
 
 
