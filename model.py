@@ -43,6 +43,9 @@ GPT2_DEFAULTS = dict(n_positions=1024, vocab_size=50257, n_layer=12, n_head=12, 
                      activation_function="gelu_new", scale_attn_weights=True, scale_attn_by_inverse_layer_idx=False,
                      reorder_and_upcast_attn=False, n_inner=None)
 HUB_TIMEOUT = 5.0  # seconds for the one request that tells whether the hub is reachable
+# The files of a trained student (train_distil.py): DistilRNN(**config) and its weights.
+STUDENT_WEIGHTS = "student.safetensors"
+STUDENT_CONFIG = "student_config.json"
 
 
 @dataclass
@@ -354,7 +357,8 @@ class DistilRNN(nn.Module):
     """A small recurrent classifier over GPT-2 tokens: embedding -> RNN/GRU/LSTM -> linear.
 
     It reads the final state of each *real* sequence (sequences are packed by length), never a padding
-    step, so a sentence's prediction does not depend on what it is batched with.
+    step, so a sentence's prediction does not depend on what it is batched with. A batch without padding (one
+    sentence, or all of one length) skips the packing: at batch 1 packing and unpacking cost more than the RNN.
     """
 
     CELLS = {"rnn": nn.RNN, "gru": nn.GRU, "lstm": nn.LSTM}
@@ -375,8 +379,11 @@ class DistilRNN(nn.Module):
     def classify(self, idx: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """idx (B, T) right-padded, lengths (B,) -> logits (B, n_classes)."""
         x = self.drop(self.wte(idx))  # (B, T, E)
-        packed = pack_padded_sequence(x, lengths.cpu(), batch_first=True, enforce_sorted=False)
-        _, h = self.rnn(packed)
+        lengths = lengths.cpu()  # packing needs them on the host anyway
+        if bool((lengths == idx.size(1)).all()):
+            _, h = self.rnn(x)  # no padding: every final state is a real one
+        else:
+            _, h = self.rnn(pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False))
         if isinstance(h, tuple):  # LSTM returns (h_n, c_n)
             h = h[0]
         # h: (num_layers * directions, B, H), in the batch's original order; keep the top layer.

@@ -24,14 +24,11 @@ from data import load_cola, sample_record
 from distill import agreement, augment, make_kd_loss, teacher_fingerprint, teacher_logits
 from errors import UserError
 from lora import ADAPTER_CONFIG, parameter_summary, read_adapter_config
-from model import DEFAULT_VARIANT, GPT, DistilRNN, check_variant, variant_id
+from model import DEFAULT_VARIANT, GPT, STUDENT_CONFIG, STUDENT_WEIGHTS, DistilRNN, check_variant, variant_id
 from cli import (CHECKPOINT, METRICS, PREDICTIONS, ArgumentParser, add_common_args, dropout_float, nonneg_int,
                  pick_hardware, positive_float, positive_int, prepare_outputs, print_outputs, run_cli, run_config,
                  unit_float)
 from trainer import fit, load_checkpoint, report_ood, write_json
-
-STUDENT_WEIGHTS = "student.safetensors"
-STUDENT_CONFIG = "student_config.json"
 
 
 def build_parser() -> argparse.ArgumentParser:
