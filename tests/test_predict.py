@@ -141,9 +141,10 @@ def test_glue_submission_has_glue_layout_and_follows_the_index_column(runs, cola
     assert lines[0] == "index\tprediction" and len(lines) == 61
     rows = [line.split("\t") for line in lines[1:]]
     assert [i for i, _ in rows] == index and {y for _, y in rows} <= {"0", "1"}
-    # each prediction is its own sentence's: the model's label for that sentence, computed here
+    # each prediction is its own sentence's: the model's label for that sentence alone, computed here
     clf = load_classifier(runs["lora"], torch.device("cpu"))
-    p, labels = p_acceptable(clf, [ood.ids[k] for k in range(60)], 7, torch.device("cpu"))
+    alone = [p_acceptable(clf, [ood.ids[k]], 1, torch.device("cpu")) for k in range(60)]
+    p, labels = torch.cat([a[0] for a in alone]), torch.cat([a[1] for a in alone])
     assert [int(y) for _, y in rows] == labels.tolist()
     tsv = [line.split("\t") for line in out.read_text().splitlines()]
     assert tsv[0] == ["index", "label", "p_acceptable", "sentence"]
