@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -125,7 +126,6 @@ def p_acceptable(clf: Classifier, ids: list[list[int]], batch_size: int, device:
 
 def read_text(path: str) -> tuple[str, list[str]]:
     """A file's name for messages and its lines; '-' is standard input."""
-    import sys
     if path == "-":
         return "<stdin>", sys.stdin.read().splitlines()
     p = Path(path)
