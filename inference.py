@@ -22,6 +22,7 @@ from errors import UserError
 from lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, build_lora_classifier, merge_lora, read_adapter_config
 from metrics import predict_logits
 from model import GPT, HUB_VARIANTS, STUDENT_CONFIG, STUDENT_WEIGHTS, DistilRNN, first_line
+from precision import Precision, store_frozen_weights
 
 RUN_FILES = {"lora": (ADAPTER_CONFIG, ADAPTER_WEIGHTS), "student": (STUDENT_CONFIG, STUDENT_WEIGHTS)}
 FORMATS = ("auto", "text", "cola", "glue")
@@ -93,11 +94,14 @@ def load_student(run_dir: Path) -> DistilRNN:
     return student
 
 
-def load_classifier(run_dir: str | Path, device: torch.device, base: str | None = None) -> Classifier:
-    """A train_lora.py or train_distil.py run directory -> its model, ready for inference on `device`."""
+def load_classifier(run_dir: str | Path, device: torch.device, precision: Precision,
+                    base: str | None = None) -> Classifier:
+    """A train_lora.py or train_distil.py run directory -> its model, ready for inference on `device` in
+    `precision` (a teacher's frozen weights stored in its compute dtype, as training stores them)."""
     run_dir = Path(run_dir)
     kind = run_kind(run_dir)
     model = load_teacher(run_dir, base) if kind == "lora" else load_student(run_dir)
+    store_frozen_weights(model, precision.dtype)  # after the merge, which is done in fp32
     max_tokens = model.config.block_size if kind == "lora" else None
     return Classifier(model.to(device).eval(), kind, max_tokens)
 
@@ -114,11 +118,12 @@ def encode(sentences: list[str], max_tokens: int | None) -> tuple[list[list[int]
 
 
 def p_acceptable(clf: Classifier, ids: list[list[int]], batch_size: int, device: torch.device,
-                 progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                 precision: Precision, progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """P(label 1) (N,) float64, as training's predictions.json computes it, and the label (N,) 0/1 (the argmax),
-    in input order. Batches are length-sorted (data.iterate); the precision is training's for the device."""
+    in input order. Batches are length-sorted (data.iterate)."""
     ds = Dataset("input", [""] * len(ids), ids, [0] * len(ids))
-    logits = predict_logits(clf.model, ds, batch_size, device, desc="predicting" if progress else None)  # (N, 2)
+    logits = predict_logits(clf.model, ds, batch_size, device, precision,
+                            desc="predicting" if progress else None)  # (N, 2)
     return logits.double().softmax(-1)[:, 1], logits.argmax(-1)
 
 

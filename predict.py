@@ -8,7 +8,8 @@
 Prints each sentence's label (1 acceptable, 0 unacceptable) and P(acceptable), or writes them to --output.
 --file takes one sentence a line, CoLA's TSV (source, label, mark, sentence) or GLUE's test TSV (header
 index<TAB>sentence), detected from the first line. The teacher's LoRA is merged into its base; batches are
-length-sorted; the precision is training's on the device (bf16 autocast on CUDA, float32 elsewhere). The
+length-sorted; the precision is training's on the device (--precision auto: bf16 or fp16 mixed on CUDA, fp32
+on CPU and MPS). The
 teacher reads at most its base's positions (1024 for GPT-2): a longer sentence is cut to its first 1024
 tokens, with a warning naming it. The student reads any length.
 """
@@ -20,6 +21,7 @@ import sys
 
 from cli import ArgumentParser, pick_device, positive_int, run_cli
 from errors import UserError
+from precision import DTYPES, choose_precision
 from inference import (FORMATS, check_output, encode, from_arguments, glue_text, load_classifier, p_acceptable,
                        parse_lines, predictions_text, read_text, write_atomic)
 
@@ -43,6 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: that one)")
     p.add_argument("--batch_size", type=positive_int, default=64, help="sentences per forward pass")
     p.add_argument("--device", default="auto", help="auto picks cuda, then mps, then cpu")
+    p.add_argument("--precision", choices=("auto", *DTYPES), default="auto",
+                   help="auto: training's choice for the device (bf16 or fp16 mixed on CUDA, fp32 on CPU and MPS)")
     return p
 
 
@@ -57,12 +61,13 @@ def predict(args: argparse.Namespace) -> None:
     inputs = parse_lines(*read_text(args.file), args.format) if args.file else from_arguments(args.sentences)
 
     device = pick_device(args.device)
-    clf = load_classifier(args.run_dir, device, args.base)
+    precision = choose_precision(device, args.precision)
+    clf = load_classifier(args.run_dir, device, precision, args.base)
     ids, cut = encode(inputs.sentences, clf.max_tokens)
     for i in cut:
         print(f"warning: {inputs.where[i]}: the sentence is longer than the teacher's {clf.max_tokens} positions; "
               f"only its first {clf.max_tokens} tokens are read", file=sys.stderr)
-    probs, labels = p_acceptable(clf, ids, args.batch_size, device, progress=len(ids) >= PROGRESS_FROM)
+    probs, labels = p_acceptable(clf, ids, args.batch_size, device, precision, progress=len(ids) >= PROGRESS_FROM)
 
     if args.output:
         write_atomic(args.output, predictions_text(args.output, inputs, probs, labels))

@@ -33,6 +33,7 @@ from data import collate, load_cola  # noqa: E402
 from inference import Classifier, load_classifier, p_acceptable  # noqa: E402
 from lora import TARGETS, inject_lora, lora_modules, save_adapter  # noqa: E402
 from model import GPT, STUDENT_CONFIG, STUDENT_WEIGHTS, DistilRNN  # noqa: E402
+from precision import Precision  # noqa: E402
 
 SHAPE = "gpt2-medium"
 STORED = {"fp16": torch.float16, "bf16": torch.bfloat16}  # student variants: the embedding's dtype
@@ -76,10 +77,10 @@ def write_student(run: Path, config: dict, weights: dict[str, torch.Tensor]) -> 
     (run / STUDENT_CONFIG).write_text(json.dumps(config, indent=2))
 
 
-def load_side(side: str, run: Path, device: torch.device) -> Classifier:
+def load_side(side: str, run: Path, device: torch.device, precision: Precision) -> Classifier:
     """The side as predict.py loads it; an fp16/bf16 student also keeps its embedding in that dtype in memory
     (load_classifier would widen it to fp32), the looked-up rows widened to fp32 for the GRU."""
-    clf = load_classifier(run, device)
+    clf = load_classifier(run, device, precision)
     if side.startswith("student-"):
         wte = clf.model.wte
         wte.weight.data = wte.weight.data.to(STORED[side.removeprefix("student-")])
@@ -117,11 +118,11 @@ def timed(fn, *args) -> tuple[float, float]:
     return time.perf_counter() - t0, time.process_time() - c0
 
 
-def worker(args, runs: dict[str, Path], dev, latency_rows: list[int], throughput_rows: list[int]) -> None:
+def worker(args, runs: dict[str, Path], dev, latency_rows: list[int], throughput_rows: list[int],
+           device: torch.device, precision: Precision) -> None:
     """Peak memory of one side, in its own process: loading, batch-1 calls, one large-batch call."""
-    device = torch.device("cpu")
     with PeakMemory(device) as m:
-        clf = load_side(args.worker, runs[args.worker], device)
+        clf = load_side(args.worker, runs[args.worker], device, precision)
         for i in latency_rows[:args.memory_sentences]:
             call(clf, collate(dev, [i]))
         call(clf, collate(dev, throughput_rows))
@@ -130,7 +131,8 @@ def worker(args, runs: dict[str, Path], dev, latency_rows: list[int], throughput
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", choices=["cpu"], help="CPU only: the calls are timed unsynchronised")
+    p.set_defaults(precision="fp32")  # predict.py's choice on a CPU
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: one per core)")
     p.add_argument("--data-dir", default=str(DEFAULT_DATA))
     p.add_argument("--cache-dir", default="/tmp/gpt2-deploy-bench", help="random checkpoint and run directories")
@@ -142,7 +144,7 @@ def main() -> None:
     p.add_argument("--worker", choices=SIDES, help=argparse.SUPPRESS)
     args = p.parse_args()
 
-    device = setup(args)
+    device, precision = setup(args)
     work, student_run = Path(args.cache_dir) / "runs", Path(args.student_run) if args.student_run else None
     runs = run_dirs(work, student_run) if args.worker else make_runs(work, checkpoint(SHAPE, args.cache_dir), student_run)
     dev = load_cola(args.data_dir)["dev"]
@@ -150,16 +152,16 @@ def main() -> None:
     latency_rows = list(range(0, len(dev), step))[:args.latency_sentences]
     throughput_rows = sorted(range(len(dev)), key=lambda i: len(dev.ids[i]))[::max(1, len(dev) // args.throughput_batch)][:args.throughput_batch]
     if args.worker:
-        return worker(args, runs, dev, latency_rows, throughput_rows)
+        return worker(args, runs, dev, latency_rows, throughput_rows, device, precision)
 
     t0 = time.time()
     print(f"# {machine()}\n# python bench/bench_deploy.py {' '.join(sys.argv[1:])}", flush=True)
-    sides = {side: load_side(side, runs[side], device) for side in SIDES}
+    sides = {side: load_side(side, runs[side], device, precision) for side in SIDES}
     params = {side: sum(p.numel() for p in {id(p): p for p in clf.model.parameters()}.values())
               for side, clf in sides.items()}  # the teacher's include the merged adapter's A and B
 
     # largest change of P(acceptable) on all of dev, against the fp32 student
-    probs = {side: p_acceptable(clf, dev.ids, 256, device)[0] for side, clf in sides.items() if side != "teacher"}
+    probs = {side: p_acceptable(clf, dev.ids, 256, device, precision)[0] for side, clf in sides.items() if side != "teacher"}
     delta = {side: float((probs[side] - probs["student"]).abs().max()) for side in SIDES if side != "teacher"}
 
     # batch-1 latency: per sentence, each side once, in an order that rotates; over --passes passes

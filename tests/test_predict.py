@@ -19,9 +19,11 @@ from data import SPLITS, collate, get_encoder, read_tsv
 from inference import load_classifier, p_acceptable
 from lora import build_lora_classifier, lora_modules
 from model import DistilRNN
+from precision import Precision
 
 ENV = dict(os.environ, HF_HUB_OFFLINE="1", MPLBACKEND="Agg")
 SENTENCES = ["The book was written by John.", "Book the was by written John."]
+CPU, FP32 = torch.device("cpu"), Precision("fp32", "cpu")
 
 
 def script(name: str, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
@@ -93,15 +95,15 @@ def test_dev_predictions_reproduce_predictions_json(runs, kind, dev_tsv, tmp_pat
 
 
 def test_teacher_is_loaded_merged_and_computes_the_unmerged_function(runs, dev_tsv):
-    clf = load_classifier(runs["lora"], torch.device("cpu"))
+    clf = load_classifier(runs["lora"], CPU, FP32)
     layers = lora_modules(clf.model)
     assert clf.kind == "lora" and clf.max_tokens == 128 and len(layers) == 8  # 2 blocks x 4 targets
     assert all(m.merged for m in layers.values()) and not clf.model.training
     unmerged, _ = build_lora_classifier(runs["lora"])
     enc = get_encoder()
     ids = enc.encode_ordinary_batch(read_tsv(dev_tsv)[0][:40])
-    p, _ = p_acceptable(clf, ids, 16, torch.device("cpu"))
-    q, _ = p_acceptable(type(clf)(unmerged.eval(), "lora", 128), ids, 16, torch.device("cpu"))
+    p, _ = p_acceptable(clf, ids, 16, CPU, FP32)
+    q, _ = p_acceptable(type(clf)(unmerged.eval(), "lora", 128), ids, 16, CPU, FP32)
     torch.testing.assert_close(p, q, rtol=0, atol=1e-6)
 
 
@@ -142,8 +144,8 @@ def test_glue_submission_has_glue_layout_and_follows_the_index_column(runs, cola
     rows = [line.split("\t") for line in lines[1:]]
     assert [i for i, _ in rows] == index and {y for _, y in rows} <= {"0", "1"}
     # each prediction is its own sentence's: the model's label for that sentence alone, computed here
-    clf = load_classifier(runs["lora"], torch.device("cpu"))
-    alone = [p_acceptable(clf, [ood.ids[k]], 1, torch.device("cpu")) for k in range(60)]
+    clf = load_classifier(runs["lora"], CPU, FP32)
+    alone = [p_acceptable(clf, [ood.ids[k]], 1, CPU, FP32) for k in range(60)]
     p, labels = torch.cat([a[0] for a in alone]), torch.cat([a[1] for a in alone])
     assert [int(y) for _, y in rows] == labels.tolist()
     tsv = [line.split("\t") for line in out.read_text().splitlines()]
@@ -181,8 +183,8 @@ def test_a_sentence_longer_than_the_teachers_positions_is_cut_with_a_warning(run
     assert r.returncode == 0, r.stderr[-3000:]
     assert "warning: argument 2: the sentence is longer than the teacher's 128 positions" in r.stderr
     assert "argument 1" not in r.stderr
-    clf = load_classifier(runs["lora"], torch.device("cpu"))
-    p, _ = p_acceptable(clf, [ids[:128]], 1, torch.device("cpu"))
+    clf = load_classifier(runs["lora"], CPU, FP32)
+    p, _ = p_acceptable(clf, [ids[:128]], 1, CPU, FP32)
     assert read_jsonl(out)[1]["p_acceptable"] == pytest.approx(p.item(), abs=1e-7)
     r = predict(str(runs["student"]), long_sentence)  # the student has no position limit
     assert r.returncode == 0 and "warning" not in r.stderr
