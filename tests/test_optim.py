@@ -124,6 +124,11 @@ def test_grad_scaler_unscales_a_sparse_gradient_and_skips_a_step_with_inf():
         scaler.update()
     assert torch.allclose(sparse.norm, dense.norm, rtol=1e-6)
     assert torch.allclose(sparse.wte.weight, dense.wte.weight, atol=1e-6)
+    for m in (sparse, dense):  # no unscale_: fused AdamW, and the lazy rows, divide by the scaler's grad_scale
+        scaler, opt = torch.amp.GradScaler("cpu", init_scale=1024.0), make_optimizer(m, 0.01, 0.0)
+        scaler.scale(F.cross_entropy(m.classify(STEPS[2], LENGTHS[2]), LABELS)).backward()
+        scaler.step(opt)
+    assert torch.allclose(sparse.wte.weight, dense.wte.weight, atol=1e-6)
     before = sparse.wte.weight.detach().clone()
     scaler, opt = torch.amp.GradScaler("cpu"), make_optimizer(sparse, 0.01, 0.0)
     opt.zero_grad()
@@ -144,6 +149,8 @@ def test_state_dict_keeps_moments_of_seen_rows_only_and_loads_back_exactly():
         opt.zero_grad()
         backward(m, step)
         opt.step()
+    live = opt.state[m.wte.weight]
+    live["exp_avg_sq"][3] = 0.0  # as if its squared gradient had underflowed: the row still counts as seen
     sd = opt.state_dict()
     pid = param_id(opt, m.wte.weight)
     wte = sd["state"][pid]
