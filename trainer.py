@@ -70,8 +70,9 @@ def load_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor],
 # ---------------------------------------------------------------- the loop
 
 def make_optimizer(model: nn.Module, lr: float, weight_decay: float) -> AdamW:
-    """AdamW (optim.AdamW: lazy on sparse gradients). Matrices are decayed; vectors (biases, norms) and embeddings are not: decay would shrink the
-    embedding rows of tokens that never occur in training, and those tokens do occur at test time."""
+    """AdamW (optim.AdamW: lazy rows for a sparse gradient). Matrices are decayed; vectors (biases, norms) and
+    embeddings are not: decay would shrink the embedding rows of tokens that never occur in training, and those
+    tokens do occur at test time."""
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     decay = [p for n, p in named if p.dim() >= 2 and not n.endswith("wte.weight")]
     groups = [{"params": decay, "weight_decay": weight_decay},

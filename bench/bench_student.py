@@ -30,7 +30,8 @@ from train_step import EagerStep, RunningMetrics  # noqa: E402
 from trainer import make_optimizer, optimizer_tensors, warmup_linear  # noqa: E402
 
 
-def epoch(sparse: bool, loss_fn, train, batch_size: int, device: torch.device, seed: int) -> tuple[float, DistilRNN, dict]:
+def epoch(sparse: bool, loss_fn, train, batch_size: int, device: torch.device,
+          seed: int) -> tuple[float, DistilRNN, dict]:
     """One epoch of training steps of a fresh student; returns its time, the student and its optimizer tensors."""
     torch.manual_seed(seed)
     student = DistilRNN(embd_dim=1024, hidden_size=256, dropout=0.3).to(device)

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from data import Batch, Dataset
 from model import DistilRNN
 from optim import AdamW, clip_grad_norm_
-from trainer import fit, make_optimizer
+from trainer import fit, load_checkpoint, make_optimizer
 
 VOCAB, DIM = 20, 6
 PAD = VOCAB - 1  # stands for data.PAD_TOKEN, which no sentence holds
@@ -208,9 +208,8 @@ def test_a_resumed_student_run_is_byte_identical(cola, tmp_path):
     with pytest.raises(KeyboardInterrupt):
         run("cut", stop_at=steps_per_epoch + 1)
     resumed = run("cut", resume=True)
-    a, b = (tmp_path / "ref" / "checkpoint.safetensors").read_bytes(), (tmp_path / "cut" / "checkpoint.safetensors").read_bytes()
-    assert a == b
-    from trainer import load_checkpoint
+    ckpt = {name: (tmp_path / name / "checkpoint.safetensors").read_bytes() for name in ("ref", "cut")}
+    assert ckpt["ref"] == ckpt["cut"]
     tensors, _ = load_checkpoint(tmp_path / "cut" / "checkpoint.safetensors")
     pid = param_id(make_optimizer(resumed, 0.1, 0.1), resumed.wte.weight)
     rows = tensors[f"optim.{pid}.rows"]  # wte's moments: only for the tokens of the 256 training sentences
