@@ -26,6 +26,7 @@ from common import DEFAULT_DATA, machine, setup, table  # puts the repository ro
 from data import iterate, load_cola, num_batches  # noqa: E402
 from distill import make_kd_loss  # noqa: E402
 from model import DistilRNN  # noqa: E402
+from precision import choose_precision  # noqa: E402
 from train_step import EagerStep, RunningMetrics  # noqa: E402
 from trainer import make_optimizer, optimizer_tensors, warmup_linear  # noqa: E402
 
@@ -38,7 +39,7 @@ def epoch(sparse: bool, loss_fn, train, batch_size: int, device: torch.device,
     student.wte.sparse = sparse
     opt = make_optimizer(student, 2e-3, 0.01)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_linear(num_batches(train, batch_size), 0.06))
-    step = EagerStep(student.classify, loss_fn, opt, 1.0, RunningMetrics(device), device)
+    step = EagerStep(student.classify, loss_fn, opt, 1.0, RunningMetrics(device), device, choose_precision(device))
     batches = list(iterate(train, batch_size, shuffle=True, seed=seed))
     student.train()
     t0 = time.perf_counter()

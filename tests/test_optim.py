@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from data import Batch, Dataset
 from model import DistilRNN
 from optim import AdamW, clip_grad_norm_
+from precision import Precision
 from trainer import fit, load_checkpoint, make_optimizer
 
 VOCAB, DIM = 20, 6
@@ -201,7 +202,7 @@ def test_a_resumed_student_run_is_byte_identical(cola, tmp_path):
             return F.cross_entropy(logits, batch.labels)
 
         fit(model, train, dev, loss_fn, fit_args(tmp_path, name, 2, resume), {"c": 1}, "rnn",
-            lambda: torch.save(model.state_dict(), tmp_path / name / "best.pt"))
+            lambda: torch.save(model.state_dict(), tmp_path / name / "best.pt"), Precision("fp32", "cpu"))
         return model
 
     ref = run("ref")
