@@ -26,12 +26,12 @@ from common import DEFAULT_DATA, machine, setup, table  # puts the repository ro
 from data import iterate, load_cola, num_batches  # noqa: E402
 from distill import make_kd_loss  # noqa: E402
 from model import DistilRNN  # noqa: E402
-from precision import choose_precision  # noqa: E402
+from precision import Precision  # noqa: E402
 from train_step import EagerStep, RunningMetrics  # noqa: E402
 from trainer import make_optimizer, optimizer_tensors, warmup_linear  # noqa: E402
 
 
-def epoch(sparse: bool, loss_fn, train, batch_size: int, device: torch.device,
+def epoch(sparse: bool, loss_fn, train, batch_size: int, device: torch.device, precision: Precision,
           seed: int) -> tuple[float, DistilRNN, dict]:
     """One epoch of training steps of a fresh student; returns its time, the student and its optimizer tensors."""
     torch.manual_seed(seed)
@@ -39,7 +39,7 @@ def epoch(sparse: bool, loss_fn, train, batch_size: int, device: torch.device,
     student.wte.sparse = sparse
     opt = make_optimizer(student, 2e-3, 0.01)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_linear(num_batches(train, batch_size), 0.06))
-    step = EagerStep(student.classify, loss_fn, opt, 1.0, RunningMetrics(device), device, choose_precision(device))
+    step = EagerStep(student.classify, loss_fn, opt, 1.0, RunningMetrics(device), device, precision)
     batches = list(iterate(train, batch_size, shuffle=True, seed=seed))
     student.train()
     t0 = time.perf_counter()
@@ -54,13 +54,15 @@ def epoch(sparse: bool, loss_fn, train, batch_size: int, device: torch.device,
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
+                   help="as train_distil.py's (auto: fp32 on CPU)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     p.add_argument("--data-dir", default=str(DEFAULT_DATA))
     p.add_argument("--max-train-samples", type=int, default=1024)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--repeats", type=int, default=2, help="timed rounds (median reported), after one warm-up")
     a = p.parse_args()
-    device = setup(a)
+    device, precision = setup(a)
     train = load_cola(a.data_dir, a.max_train_samples)["train"]
     teacher = torch.randn(len(train), 2)  # (N, 2) the cached teacher logits
     modes = {"rnn": lambda logits, batch: F.cross_entropy(logits, batch.labels),
@@ -71,7 +73,7 @@ def main() -> None:
     for rnd in range(a.repeats + 1):
         for mode, loss_fn in modes.items():
             for sparse in (False, True):
-                t, student, opt_tensors = epoch(sparse, loss_fn, train, a.batch_size, device, seed=0)
+                t, student, opt_tensors = epoch(sparse, loss_fn, train, a.batch_size, device, precision, seed=0)
                 if rnd:
                     times[mode, sparse].append(t)
                 last[mode, sparse] = student, opt_tensors
