@@ -20,6 +20,7 @@ import torch
 import torch.nn as nn
 
 from data import PAD_TOKEN, Batch
+from optim import clip_grad_norm_
 from precision import Precision, store_frozen_weights
 
 IGNORE_INDEX = -100  # label of pad rows: F.cross_entropy's default ignore_index, so they carry zero weight
@@ -91,7 +92,7 @@ class EagerStep:
         self.scaler.scale(loss).backward()
         skipped = self._unscale()
         if self.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip)
+            clip_grad_norm_(self.params, self.grad_clip)  # optim's: takes the sparse gradient of the student's wte
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.metrics.update(loss, logits, batch.labels, batch.labels.size(0), skipped)
