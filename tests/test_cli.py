@@ -200,7 +200,7 @@ def test_train_distil_ends_by_naming_its_outputs(cola_dir, tmp_path):
     named = named_outputs(r.stdout)
     assert named["metrics"] == [out / METRICS, out / PREDICTIONS]
     assert named["weights"] == [out / "student.safetensors", out / "student_config.json"]
-    assert {p.name for p in named["plots"]} >= {"rnn_loss.png", "rnn_accuracy.png", "comparison.png"}
+    assert {p.name for p in named["plots"]} >= {"rnn_loss.png", "rnn_accuracy.png", "comparison_rnn.png"}
     assert all(p.is_file() for paths in named.values() for p in paths)
 
 
