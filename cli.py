@@ -18,7 +18,7 @@ from typing import Callable
 
 import torch
 
-from errors import UserError
+from errors import OFFLINE_HINT, UserError
 from precision import DTYPES, Precision, choose_precision, device_line
 
 # The files of a run directory (--out_dir).
@@ -219,6 +219,24 @@ def prepare_outputs(args: argparse.Namespace, weights: tuple[str, ...]) -> None:
     check_writable(args.plots_dir, "--plots_dir")
     if args.resume and not (out_dir / CHECKPOINT).is_file():
         raise UserError(f"--resume: no checkpoint at {out_dir / CHECKPOINT}; run without --resume to start")
+
+
+def check_inputs(checks: dict[str, Callable[[], object]]) -> None:
+    """Run every check of a downloaded-on-first-use input ({what: check}: CoLA, tiktoken's BPE files, the GPT-2
+    weights) and fail once, naming every one that failed: offline, a user learns all that is missing in one
+    try, not one piece per try. One failure is raised as it is."""
+    failed = []
+    for what, check in checks.items():
+        try:
+            check()
+        except UserError as e:
+            failed.append((what, e))
+    if len(failed) == 1:
+        raise failed[0][1]
+    if failed:
+        parts = " | ".join(f"{i}) {what}: {str(e).removesuffix(OFFLINE_HINT)}" for i, (what, e) in
+                           enumerate(failed, start=1))
+        raise UserError(f"{len(failed)} inputs are missing{OFFLINE_HINT}: {parts}")
 
 
 def print_outputs(**files: list[Path]) -> None:

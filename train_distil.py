@@ -21,14 +21,14 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 import report
-from data import load_cola, sample_record
+from data import ensure_cola, get_encoder, load_cola, sample_record
 from distill import agreement, augment, make_kd_loss, teacher_fingerprint, teacher_logits
 from errors import UserError
 from lora import ADAPTER_CONFIG, parameter_summary, read_adapter_config
-from model import DEFAULT_VARIANT, GPT, DistilRNN, check_variant, variant_id
-from cli import (CHECKPOINT, METRICS, PREDICTIONS, ArgumentParser, add_common_args, dropout_float, nonneg_int,
-                 pick_hardware, positive_float, positive_int, prepare_outputs, print_outputs, run_cli, run_config,
-                 run_name, unit_float)
+from model import DEFAULT_VARIANT, GPT, DistilRNN, find_weights, variant_id
+from cli import (CHECKPOINT, METRICS, PREDICTIONS, ArgumentParser, add_common_args, check_inputs, dropout_float,
+                 nonneg_int, pick_hardware, positive_float, positive_int, prepare_outputs, print_outputs, run_cli,
+                 run_config, run_name, unit_float)
 from trainer import fit, load_checkpoint, report_ood, write_json
 
 STUDENT_WEIGHTS = "student.safetensors"
@@ -101,7 +101,6 @@ def resolve_base(args: argparse.Namespace) -> None:
         raise UserError(f"--embd_dim {args.embd_dim}: the student's width is --gpt_variant's with "
                         "--init_embeddings gpt2; pass --init_embeddings none for random embeddings of another width")
     if args.gpt_variant is not None:
-        check_variant(args.gpt_variant)
         args.gpt_variant = variant_id(args.gpt_variant)
 
 
@@ -111,6 +110,10 @@ def train(args: argparse.Namespace) -> dict:
         read_adapter_config(args.teacher)  # a missing teacher fails here, before any work
     resolve_base(args)
     prepare_outputs(args, weights=(STUDENT_WEIGHTS, STUDENT_CONFIG))
+    inputs = {"CoLA": lambda: ensure_cola(args.data_dir), "tiktoken's BPE files": get_encoder}
+    if args.gpt_variant is not None:
+        inputs["GPT-2 weights"] = lambda: find_weights(args.gpt_variant)
+    check_inputs(inputs)
     device, precision = pick_hardware(args)  # before run_config: it records the precision auto resolved to
     config = run_config(args)
     if args.mode == "distil":
@@ -165,7 +168,7 @@ def train(args: argparse.Namespace) -> dict:
     comparison = compare_runs(args, out_dir, name)
     print_outputs(metrics=[out_dir / METRICS, out_dir / PREDICTIONS], weights=[out_dir / STUDENT_WEIGHTS, out_dir / STUDENT_CONFIG],
                   checkpoint=[out_dir / CHECKPOINT],
-                  plots=[*(report.curve_path(args.plots_dir, name, k) for k in ("loss", "accuracy")), *comparison])
+                  plots=[*(report.curve_path(args.plots_dir, name, k) for k in ("accuracy", "loss")), *comparison])
     return metrics
 
 
