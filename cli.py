@@ -18,7 +18,7 @@ from typing import Callable
 
 import torch
 
-from errors import UserError
+from errors import OFFLINE_HINT, UserError
 from precision import DTYPES, Precision, choose_precision, device_line
 
 # The files of a run directory (--out_dir).
@@ -86,11 +86,12 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefau
 
 
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse with the one-line error style of the rest of the scripts (no usage dump on a bad flag), and
-    every default in --help."""
+    """argparse with the one-line error style of the rest of the scripts (no usage dump on a bad flag), every
+    default in --help, and no abbreviated flags: a mistyped --max_train_sample is an error, not silently taken
+    for --max_train_samples."""
 
     def __init__(self, **kwargs):
-        super().__init__(**{"formatter_class": HelpFormatter, **kwargs})
+        super().__init__(**{"formatter_class": HelpFormatter, "allow_abbrev": False, **kwargs})
 
     def error(self, message: str):
         print(f"error: {message} (see {self.prog} --help)", file=sys.stderr)
@@ -118,14 +119,16 @@ dropout_float = _checked(float, lambda v: 0 <= v < 1, "in [0, 1)")
 
 
 def add_common_args(p: argparse.ArgumentParser, *, out_dir: str, epochs: int, lr: float, batch_size: int,
-                    weight_decay: float, warmup_ratio: float) -> None:
-    """Flags both scripts take, with each script's own defaults."""
+                    weight_decay: float, warmup_ratio: float,
+                    forward_passes: str = "dev and out-of-domain evaluation") -> None:
+    """Flags both scripts take, with each script's own defaults. forward_passes: what --eval_batch_size batches
+    in this script."""
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=positive_int, default=epochs, help="passes over the training set")
     g.add_argument("--lr", type=positive_float, default=lr, help="peak learning rate (AdamW)")
     g.add_argument("--batch_size", type=positive_int, default=batch_size, help="sentences per step")
     g.add_argument("--eval_batch_size", type=positive_int, default=256,
-                   help="batch size of forward-only passes: dev evaluation (and the teacher pass)")
+                   help=f"batch size of forward-only passes: {forward_passes}")
     g.add_argument("--weight_decay", type=nonneg_float, default=weight_decay,
                    help="AdamW's, on weight matrices (not on biases, norms or embeddings)")
     g.add_argument("--warmup_ratio", type=unit_float, default=warmup_ratio,
@@ -218,12 +221,36 @@ def prepare_outputs(args: argparse.Namespace, weights: tuple[str, ...]) -> None:
         raise UserError(f"--resume: no checkpoint at {out_dir / CHECKPOINT}; run without --resume to start")
 
 
+def check_inputs(checks: dict[str, Callable[[], object]]) -> None:
+    """Run every check of a downloaded-on-first-use input ({what: check}: CoLA, tiktoken's BPE files, the GPT-2
+    weights) and fail once, naming every one that failed: offline, a user learns all that is missing in one
+    try, not one piece per try. One failure is raised as it is."""
+    failed = []
+    for what, check in checks.items():
+        try:
+            check()
+        except UserError as e:
+            failed.append((what, e))
+    if len(failed) == 1:
+        raise failed[0][1]
+    if failed:
+        parts = " | ".join(f"{i}) {what}: {str(e).removesuffix(OFFLINE_HINT)}" for i, (what, e) in
+                           enumerate(failed, start=1))
+        raise UserError(f"{len(failed)} inputs are missing{OFFLINE_HINT}: {parts}")
+
+
 def print_outputs(**files: list[Path]) -> None:
     """End a run by saying where it wrote what: one line per kind, naming only files that exist."""
     for kind, paths in files.items():
         found = [str(p) for p in paths if p.is_file()]
         if found:
             print(f"{kind}: {', '.join(found)}")
+
+
+def run_name(out_dir: str | Path) -> str:
+    """A run's name: its --out_dir's last part (runs/rnn_2 -> rnn_2). It names the run's curves and their
+    titles, in training and in report.py --curves alike, and train_distil.py's comparison file."""
+    return Path(out_dir).resolve().name
 
 
 def run_config(args: argparse.Namespace) -> dict:

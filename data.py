@@ -20,7 +20,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from errors import UserError
+from errors import OFFLINE_HINT, UserError
 
 COLA_URL = "https://nyu-mll.github.io/CoLA/cola_public_1.1.zip"
 COLA_SHA256 = "2cf856f46df11c143d38e0cf2f9f34ff2fdb088c521cd859f5c4b9581683278b"
@@ -71,7 +71,7 @@ def ensure_cola(data_dir: str | Path, url: str = COLA_URL) -> Path:
                 with contextlib.suppress(OSError):
                     d.rmdir()
             raise UserError(f"could not download CoLA from {url} ({e}); put cola_public_1.1.zip or its extracted "
-                            f"cola_public/ folder into --data_dir {data_dir}") from None
+                            f"cola_public/ folder into --data_dir {data_dir}{OFFLINE_HINT}") from None
         partial.replace(archive)
     actual = sha256_of(archive)
     if actual != COLA_SHA256:
@@ -116,7 +116,8 @@ def get_encoder():
         return tiktoken.get_encoding("gpt2")
     except Exception as e:  # tiktoken raises requests' errors, ValueError, ... when its files can't be had
         raise UserError(f"could not load tiktoken's gpt2 encoding ({type(e).__name__}); it downloads its files "
-                        "once, so run with internet, or set TIKTOKEN_CACHE_DIR to a folder holding them") from None
+                        "once, so run with internet, or set TIKTOKEN_CACHE_DIR to a folder holding them"
+                        f"{OFFLINE_HINT}") from None
 
 
 @dataclass

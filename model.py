@@ -21,9 +21,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.utils.rnn import pack_padded_sequence
 
-from cli import ArgumentParser, nonneg_float, pick_device, positive_int, run_cli
+from cli import ArgumentParser, check_inputs, nonneg_float, pick_device, positive_int, run_cli
 from data import get_encoder
-from errors import UserError
+from errors import OFFLINE_HINT, UserError
 
 # Hub names and their shapes (n_layer, n_head, n_embd): the checkpoints GPT.from_pretrained downloads.
 HUB_VARIANTS = {
@@ -268,7 +268,15 @@ def check_variant(name_or_path: str) -> None:
         if model_type != "gpt2":
             raise UserError(f"{path} holds a '{model_type}' checkpoint, not GPT-2 (config.json model_type)")
     elif name_or_path not in HUB_VARIANTS:
-        raise UserError(f"--gpt_variant '{name_or_path}' is neither a directory nor one of {', '.join(HUB_VARIANTS)}")
+        raise UserError(f"--gpt_variant '{name_or_path}' is neither a directory nor one of {', '.join(HUB_VARIANTS)}"
+                        f"{OFFLINE_HINT}")
+
+
+def find_weights(name_or_path: str) -> None:
+    """Fail now, before other work, if a GPT-2's weights cannot be had (from the directory, the Hugging Face
+    cache, or a download, which then also happens now)."""
+    check_variant(name_or_path)
+    checkpoint_files(name_or_path)
 
 
 def checkpoint_files(name_or_path: str) -> tuple[Path, list[Path]]:
@@ -324,7 +332,7 @@ def hub_error(name: str, why: str) -> UserError:
     return UserError(f"could not load GPT-2 weights '{name}': {why}. Offline, pass a local directory instead: "
                      "--gpt_variant /path/to/checkpoint (made by transformers' save_pretrained, or a copy of the "
                      "hub's files); or, with the weights in the Hugging Face cache, set HF_HUB_OFFLINE=1 so that "
-                     "the network is never tried")
+                     f"the network is never tried{OFFLINE_HINT}")
 
 
 def first_line(e: BaseException) -> str:
@@ -411,6 +419,7 @@ def main() -> None:
     args = parser.parse_args()
 
     def run() -> None:
+        check_inputs({"GPT-2 weights": lambda: find_weights(args.gpt_variant), "tiktoken's BPE files": get_encoder})
         device = pick_device(args.device)
         model = GPT.from_pretrained(args.gpt_variant).to(device).eval()
         enc = get_encoder()  # tiktoken's GPT-2 BPE; one line, not a traceback, when its files cannot be had

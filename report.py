@@ -1,6 +1,7 @@
 """Summaries, plots and comparisons of finished runs, from their metrics.json and predictions.json alone.
 
-    python report.py runs/lora_* runs/rnn_* runs/distil_*     # plots/comparison.md and comparison.png
+    python report.py runs/lora_* runs/rnn_* runs/distil_*     # plots/comparison.md and plots/comparison.png
+    python report.py runs/* --name all                        # plots/all.{md,png}; runs/cache is skipped
     python report.py --curves runs/distil                     # redraw plots/distil_{loss,accuracy}.png
 
 Runs whose configs differ only in --seed (and --cache_dir, where teacher logits are cached) form a group. Each
@@ -19,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from errors import UserError
-from cli import METRICS, PREDICTIONS, ArgumentParser, check_writable, run_cli
+from cli import METRICS, PREDICTIONS, ArgumentParser, check_writable, run_cli, run_name
 
 IGNORED_KEYS = ("seed", "cache_dir")  # config keys that do not split a group (out/plots/data dirs are never recorded)
 KINDS = ("lora", "rnn", "distil")
@@ -35,13 +36,27 @@ def _pyplot():
     return plt
 
 
-def curve_figures(metrics: dict, prefix: str) -> dict[str, object]:
-    """{"loss": Figure, "accuracy": Figure} of one run's per-epoch records.
+MIN_SPAN = {"loss": 0.2, "accuracy": 0.1, "mcc": 0.2}  # smallest y-range of a curve panel (see _honest_zoom)
+
+
+def _honest_zoom(ax, span: float) -> None:
+    """Widen ax's y-range to at least `span` around its data: auto-zoom would let a change of one sentence in
+    200 (0.005 of accuracy) fill the panel and look like a trend."""
+    lo, hi = ax.get_ylim()
+    if hi - lo < span:
+        mid = (lo + hi) / 2
+        ax.set_ylim(mid - span / 2, mid + span / 2)
+
+
+def curve_figures(metrics: dict, name: str) -> dict[str, object]:
+    """{"loss": Figure, "accuracy": Figure} of one run's per-epoch records; `name` (the run directory's name)
+    heads every panel.
 
     Loss: train and dev cross-entropy against the gold labels beside the class-prior loss. In distil mode the
     train loss is the KD loss (alpha T^2 KL + (1 - alpha) CE), another quantity: it gets a panel of its own.
     Accuracy: accuracy beside the majority baseline, and MCC on its own axis beside 0. The baseline is drawn
     under the dev curve, so a collapsed run (dev accuracy = baseline) stays visible, its epochs marked in red.
+    The kept epoch (best dev MCC) is a vertical line on every panel; no panel spans less than MIN_SPAN.
     """
     plt = _pyplot()
     hist = metrics["epochs"]
@@ -54,47 +69,60 @@ def curve_figures(metrics: dict, prefix: str) -> dict[str, object]:
     if distil:
         kd = axes[0, 0]
         kd.plot(epochs, [r["train_loss"] for r in hist], marker="o", color="C2", label="train KD loss")
-        kd.set_title(f"{prefix}: train KD loss (teacher soft targets + labels)")
+        kd.set_title(f"{name}: train KD loss (teacher soft targets + labels)")
         kd.set_ylabel("KD loss: alpha T² KL + (1 - alpha) CE")
     ce = axes[0, -1]
     if not distil:
         ce.plot(epochs, [r["train_loss"] for r in hist], marker="o", label="train", zorder=3)
     ce.plot(epochs, [r["val_loss"] for r in hist], marker="o", color="C1", label="dev", zorder=3)
-    ce.axhline(prior, color="gray", linestyle="--", zorder=1, label=f"class prior ({prior:.3f})")
-    ce.set_title(f"{prefix}: {'dev ' if distil else ''}cross-entropy against the gold labels")
+    ce.axhline(prior, color="gray", linestyle="--", zorder=1,
+               label=f"class prior ({prior:.3f}): the dev loss of\npredicting the label rate for every sentence")
+    ce.set_title(f"{name}: {'dev ' if distil else ''}cross-entropy against the gold labels")
     ce.set_ylabel("cross-entropy")
 
     acc_fig, (acc, mcc) = plt.subplots(1, 2, figsize=(11, 4))
     acc.axhline(majority, color="gray", linestyle="--", linewidth=1, zorder=1,
-                label=f"majority baseline ({majority:.3f})")
+                label=f"majority baseline ({majority:.3f}):\nalways predicting the commoner class")
     acc.plot(epochs, [r["train_acc"] for r in hist], marker="o", label="train", zorder=3)
     acc.plot(epochs, [r["val_acc"] for r in hist], marker="o", color="C1", label="dev", zorder=3)
-    acc.set_title(f"{prefix}: accuracy")
+    acc.set_title(f"{name}: accuracy")
     acc.set_ylabel("accuracy")
     mcc.axhline(0, color="gray", linestyle="--", linewidth=1, zorder=1, label="majority baseline (0)")
     mcc.plot(epochs, [r["val_mcc"] for r in hist], marker="o", color="C1", label="dev", zorder=3)
-    mcc.set_title(f"{prefix}: Matthews correlation")
+    mcc.set_title(f"{name}: Matthews correlation")
     mcc.set_ylabel("MCC")
     if collapsed:  # a one-class model must be seen, not read off a flat line
         for ax, key in ((acc, "val_acc"), (mcc, "val_mcc")):
             ax.scatter([r["epoch"] for r in collapsed], [r[key] for r in collapsed], marker="x", s=120,
                        color="red", zorder=4, label="dev predicts one class only")
+    for ax in axes.flat:
+        _honest_zoom(ax, MIN_SPAN["loss"])
+    _honest_zoom(acc, MIN_SPAN["accuracy"])
+    _honest_zoom(mcc, MIN_SPAN["mcc"])
+    best = metrics.get("best_epoch")
     for ax in (*axes.flat, acc, mcc):
+        if best is not None:
+            ax.axvline(best, color="C1", alpha=0.35, linewidth=6, zorder=0, label=f"kept: epoch {best} (best dev MCC)")
         ax.xaxis.get_major_locator().set_params(integer=True)
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=7)
     for fig in (loss_fig, acc_fig):
         fig.tight_layout()
     return {"loss": loss_fig, "accuracy": acc_fig}
 
 
-def plot_curves(metrics: dict, prefix: str, plots_dir: Path) -> list[Path]:
-    """plots_dir/{prefix}_loss.png and {prefix}_accuracy.png (see curve_figures)."""
+def curve_path(plots_dir: str | Path, name: str, kind: str) -> Path:
+    """plots_dir/{name}_{kind}.png, kind "loss" or "accuracy"."""
+    return Path(plots_dir) / f"{name}_{kind}.png"
+
+
+def plot_curves(metrics: dict, name: str, plots_dir: Path) -> list[Path]:
+    """plots_dir/{name}_loss.png and {name}_accuracy.png (see curve_figures); name: the run directory's name."""
     plt = _pyplot()
     paths = []
-    for name, fig in curve_figures(metrics, prefix).items():
-        paths.append(Path(plots_dir) / f"{prefix}_{name}.png")
+    for kind, fig in curve_figures(metrics, name).items():
+        paths.append(curve_path(plots_dir, name, kind))
         fig.savefig(paths[-1], dpi=120)
         plt.close(fig)
     return paths
@@ -325,7 +353,7 @@ def plot_report(report: list[dict], path: Path) -> Path:
     plt = _pyplot()
     rows = [r for t in report for r in t["rows"]]
     height = 2.2 + 0.45 * len(rows)
-    fig, (acc_ax, mcc_ax) = plt.subplots(1, 2, figsize=(12, height), sharey=True)
+    fig, (acc_ax, mcc_ax) = plt.subplots(1, 2, figsize=(12, height), sharey=True, layout="constrained")
     y = np.arange(len(rows))[::-1]
     for yi, r in zip(y, rows):
         color = "red" if r["collapsed"] else "C0"
@@ -351,49 +379,76 @@ def plot_report(report: list[dict], path: Path) -> Path:
     mcc_hi = max([0.0] + [r["mcc_ci"][1] for r in rows] + [v for r in rows for v in r["seed_mcc"]])
     mcc_ax.set_xlim(mcc_lo - 0.05, mcc_hi + 0.05)
     handles = [h for ax in (acc_ax, mcc_ax) for h in ax.get_legend_handles_labels()[0]]
-    fig.legend(handles, [h.get_label() for h in handles], loc="lower center", ncol=3, fontsize=8, frameon=False)
+    fig.legend(handles, [h.get_label() for h in handles], loc="outside lower center", ncol=3, fontsize=8,
+               frameon=False)  # constrained layout leaves exactly the legend's height below the axes
     for ax in (acc_ax, mcc_ax):
         ax.grid(axis="x", alpha=0.3)
         ax.margins(y=0.5 / max(len(rows), 1))
     fig.suptitle("CoLA in-domain dev, best epoch of each run")
-    fig.tight_layout(rect=(0, 0.75 / height, 1, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
 
 
-def compare(run_dirs: list[str | Path], plots_dir: str | Path) -> tuple[str, list[dict]]:
-    """Write plots_dir/comparison.md and comparison.png for run_dirs; return the markdown and the report."""
+def comparison_paths(plots_dir: str | Path, name: str) -> tuple[Path, Path]:
+    """plots_dir/{name}.md and {name}.png: report.py's --name, or train_distil.py's comparison_{run name}."""
+    return Path(plots_dir) / f"{name}.md", Path(plots_dir) / f"{name}.png"
+
+
+def compare(run_dirs: list[str | Path], plots_dir: str | Path, name: str = "comparison") -> tuple[str, list[dict]]:
+    """Write plots_dir/{name}.md and {name}.png for run_dirs; return the markdown and the report."""
     runs = [load_run(d) for d in dict.fromkeys(Path(d).resolve() for d in run_dirs)]
     report = build_report(runs)
-    plots_dir = check_writable(plots_dir, "--plots_dir")
+    check_writable(plots_dir, "--plots_dir")
+    md, png = comparison_paths(plots_dir, name)
     text = to_markdown(report)
-    (plots_dir / "comparison.md").write_text(text)
-    plot_report(report, plots_dir / "comparison.png")
+    md.write_text(text)
+    plot_report(report, png)
     return text, report
 
 
 # ---------------------------------------------------------------- command line
 
+def run_dirs_only(paths: list[str]) -> list[Path]:
+    """The paths that are runs (hold metrics.json), so that `report.py runs/*` passes over runs/cache (the
+    teacher-logit cache) and other folders with a one-line note. A path that does not exist is an error (a
+    typo, not a folder to pass over), and so is a list with no run in it."""
+    runs = []
+    for d in map(Path, paths):
+        if not d.exists():
+            raise UserError(f"{d} does not exist")
+        if d.is_dir() and not (d / METRICS).is_file():
+            print(f"note: skipping {d}: not a run directory (no {METRICS})")
+            continue
+        runs.append(d)
+    if not runs:
+        raise UserError(f"none of {' '.join(paths)} is a run directory (train_lora.py or train_distil.py "
+                        f"--out_dir, holding {METRICS})")
+    return runs
+
+
 def main() -> None:
     p = ArgumentParser(description=__doc__)
-    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="train_lora.py / train_distil.py --out_dir")
-    p.add_argument("--plots_dir", default="plots")
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR",
+                   help="train_lora.py / train_distil.py --out_dir; folders without metrics.json are skipped")
+    p.add_argument("--plots_dir", default="plots", help="where the comparison (or, with --curves, the curves) go")
+    p.add_argument("--name", default="comparison", help="file stem of the comparison: plots_dir/NAME.md and NAME.png")
     p.add_argument("--curves", action="store_true",
                    help="redraw each run's loss and accuracy curves from its metrics.json instead")
     args = p.parse_args()
 
     def run() -> None:
         check_writable(args.plots_dir, "--plots_dir")
+        dirs = run_dirs_only(args.run_dirs)
         if args.curves:
-            for d in args.run_dirs:
-                metrics = read_json(Path(d) / METRICS, "not a run directory")
-                for path in plot_curves(metrics, Path(d).resolve().name, Path(args.plots_dir)):
+            for d in dirs:
+                metrics = read_json(d / METRICS, "not a run directory")
+                for path in plot_curves(metrics, run_name(d), Path(args.plots_dir)):
                     print(f"wrote {path}")
             return
-        text, _ = compare(args.run_dirs, args.plots_dir)
+        text, _ = compare(dirs, args.plots_dir, args.name)
         print(text)
-        print(f"wrote {Path(args.plots_dir) / 'comparison.md'} and comparison.png")
+        print(f"wrote {' and '.join(map(str, comparison_paths(args.plots_dir, args.name)))}")
     run_cli(run)
 
 

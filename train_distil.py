@@ -5,8 +5,9 @@
     python train_distil.py --mode distil               # distilled student, into runs/distil
 
 Writes out_dir/metrics.json, the best epoch's student (student.safetensors + student_config.json) and
-predictions (predictions.json), a resumable checkpoint, plots_dir/{mode}_{loss,accuracy}.png, and
-plots_dir/comparison.{png,md} of this run and its teacher (report.py compares more runs).
+predictions (predictions.json), a resumable checkpoint, and in plots_dir the curves {name}_{loss,accuracy}.png
+and comparison_{name}.{md,png} of this run and its teacher, where name is out_dir's last part (rnn for
+runs/rnn): each run's comparison has a name of its own (report.py compares more runs).
 """
 
 from __future__ import annotations
@@ -20,22 +21,26 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 import report
-from data import load_cola, sample_record
+from data import ensure_cola, get_encoder, load_cola, sample_record
 from distill import agreement, augment, make_kd_loss, teacher_fingerprint, teacher_logits
 from errors import UserError
 from lora import ADAPTER_CONFIG, parameter_summary, read_adapter_config
-from model import DEFAULT_VARIANT, GPT, STUDENT_CONFIG, STUDENT_WEIGHTS, DistilRNN, check_variant, variant_id
-from cli import (CHECKPOINT, METRICS, PREDICTIONS, ArgumentParser, add_common_args, dropout_float, nonneg_int,
-                 pick_hardware, positive_float, positive_int, prepare_outputs, print_outputs, run_cli, run_config,
-                 unit_float)
+from model import DEFAULT_VARIANT, GPT, STUDENT_CONFIG, STUDENT_WEIGHTS, DistilRNN, find_weights, variant_id
+from cli import (CHECKPOINT, METRICS, PREDICTIONS, ArgumentParser, add_common_args, check_inputs, dropout_float,
+                 nonneg_int, pick_hardware, positive_float, positive_int, prepare_outputs, print_outputs, run_cli,
+                 run_config, run_name, unit_float)
 from trainer import fit, load_checkpoint, report_ood, write_json
+
+DEFAULT_TEACHER = "runs/lora"
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(description=__doc__)
     p.add_argument("--mode", choices=("rnn", "distil"), default="distil",
                    help="rnn: train on the gold labels; distil: learn from the teacher's soft targets too")
-    p.add_argument("--teacher", default="runs/lora", help="a train_lora.py --out_dir")
+    p.add_argument("--teacher", default=DEFAULT_TEACHER,
+                   help="a train_lora.py --out_dir: distil mode learns from it; both modes compare with it, and "
+                        "without --gpt_variant take its base's token embedding")
     g = p.add_argument_group("distillation")
     g.add_argument("--temperature", type=positive_float, default=2.0, help="softmax temperature T (> 0)")
     g.add_argument("--alpha", type=unit_float, default=0.7,
@@ -64,15 +69,30 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dense_embedding_grad", action="store_true",
                    help="train the embedding with AdamW on its full dense gradient (~4x slower a CPU step); by "
                         "default its gradient is sparse and Adam updates only the rows of the batch's tokens")
-    add_common_args(p, out_dir="runs/{mode}", epochs=10, lr=2e-3, batch_size=32, weight_decay=0.01, warmup_ratio=0.06)
+    add_common_args(p, out_dir="runs/{mode}", epochs=10, lr=2e-3, batch_size=32, weight_decay=0.01, warmup_ratio=0.06,
+                    forward_passes="dev and out-of-domain evaluation, and in distil mode the teacher's pass")
     return p
 
 
 def resolve_base(args: argparse.Namespace) -> None:
     """Fill in --gpt_variant (the teacher's base by default: LoRA never changes wte, so the student starts from
-    the teacher's own embedding) and --embd_dim (the width actually used), so that metrics.json records them."""
+    the teacher's own embedding) and --embd_dim (the width actually used), so that metrics.json records them.
+
+    In rnn mode the teacher is optional: without one in the default --teacher the base is DEFAULT_VARIANT (a
+    fresh clone can train the baseline first). A --teacher the user named that holds no run is an error when
+    the base would come from it (the user meant that teacher, so no other base is silently taken), and a note
+    otherwise (it is only compared with)."""
+    has_teacher = (Path(args.teacher) / ADAPTER_CONFIG).is_file()
+    named = args.teacher != DEFAULT_TEACHER
+    base_from_teacher = args.gpt_variant is None and args.init_embeddings == "gpt2"
+    if named and not has_teacher and base_from_teacher:
+        raise UserError(f"--teacher {args.teacher} holds no train_lora.py run (no {ADAPTER_CONFIG}), and without "
+                        "--gpt_variant the student's embedding comes from the teacher's base: fix --teacher, or "
+                        "pass --gpt_variant (a hub name or a checkpoint directory)")
+    if named and not has_teacher:
+        print(f"note: --teacher {args.teacher} holds no train_lora.py run; this rnn run will not be compared "
+              "with a teacher")
     if args.gpt_variant is None:
-        has_teacher = (Path(args.teacher) / ADAPTER_CONFIG).is_file()
         args.gpt_variant = read_adapter_config(args.teacher)["gpt_variant"] if has_teacher else DEFAULT_VARIANT
     if args.init_embeddings == "none":
         args.embd_dim = args.embd_dim or 768
@@ -82,7 +102,6 @@ def resolve_base(args: argparse.Namespace) -> None:
         raise UserError(f"--embd_dim {args.embd_dim}: the student's width is --gpt_variant's with "
                         "--init_embeddings gpt2; pass --init_embeddings none for random embeddings of another width")
     if args.gpt_variant is not None:
-        check_variant(args.gpt_variant)
         args.gpt_variant = variant_id(args.gpt_variant)
 
 
@@ -92,6 +111,10 @@ def train(args: argparse.Namespace) -> dict:
         read_adapter_config(args.teacher)  # a missing teacher fails here, before any work
     resolve_base(args)
     prepare_outputs(args, weights=(STUDENT_WEIGHTS, STUDENT_CONFIG))
+    inputs = {"CoLA": lambda: ensure_cola(args.data_dir), "tiktoken's BPE files": get_encoder}
+    if args.gpt_variant is not None:
+        inputs["GPT-2 weights"] = lambda: find_weights(args.gpt_variant)
+    check_inputs(inputs)
     device, precision = pick_hardware(args)  # before run_config: it records the precision auto resolved to
     config = run_config(args)
     if args.mode == "distil":
@@ -135,7 +158,8 @@ def train(args: argparse.Namespace) -> dict:
         (out_dir / STUDENT_CONFIG).write_text(json.dumps(student.config, indent=2))
 
     config["data"] = sample_record(data)
-    metrics = fit(student, train_set, data["dev"], loss_fn, args, config, args.mode, save_best, precision)
+    name = run_name(out_dir)
+    metrics = fit(student, train_set, data["dev"], loss_fn, args, config, name, save_best, precision)
     student.load_state_dict(load_file(str(out_dir / STUDENT_WEIGHTS)))  # the best epoch, not the last
     report_ood(metrics, student, data["ood_dev"], args.eval_batch_size, device, precision, out_dir)
     if args.mode == "distil":
@@ -143,11 +167,10 @@ def train(args: argparse.Namespace) -> dict:
                                                    precision)
         print(f"student agrees with the teacher on {metrics['teacher_agreement_dev']:.1%} of dev")
     write_json(out_dir / METRICS, metrics)
-    compare_runs(args, out_dir)
-    plots = Path(args.plots_dir)
+    comparison = compare_runs(args, out_dir, name)
     print_outputs(metrics=[out_dir / METRICS, out_dir / PREDICTIONS], weights=[out_dir / STUDENT_WEIGHTS, out_dir / STUDENT_CONFIG],
-                  checkpoint=[out_dir / CHECKPOINT], plots=[*sorted(plots.glob(f"{args.mode}_*.png")),
-                                                            *sorted(plots.glob("comparison.*"))])
+                  checkpoint=[out_dir / CHECKPOINT],
+                  plots=[*(report.curve_path(args.plots_dir, name, k) for k in ("accuracy", "loss")), *comparison])
     return metrics
 
 
@@ -160,19 +183,23 @@ def check_teacher_unchanged(args: argparse.Namespace, fingerprint: str) -> None:
                         f"{args.teacher} (retrained since?); start afresh without --resume")
 
 
-def compare_runs(args: argparse.Namespace, out_dir: Path) -> None:
+def compare_runs(args: argparse.Namespace, out_dir: Path, name: str) -> tuple[Path, Path]:
     """report.py's comparison of this run and its teacher (when the run used it and it saved predictions), and
-    nothing else: runs that merely lie beside out_dir may have been made with other data or another teacher."""
+    nothing else: runs that merely lie beside out_dir may have been made with other data or another teacher.
+    Written to plots_dir/comparison_{name}.{md,png}, so that the rnn and the distil run do not overwrite each
+    other's. Returns those two paths."""
     dirs = [out_dir]
     try:
         report.load_run(args.teacher)
         dirs.insert(0, Path(args.teacher))
     except UserError as e:
         print(f"not comparing with the teacher: {e}")
-    table, _ = report.compare(dirs, args.plots_dir)
+    table, _ = report.compare(dirs, args.plots_dir, f"comparison_{name}")
+    paths = report.comparison_paths(args.plots_dir, f"comparison_{name}")
     print(table)
-    print(f"comparison written to {Path(args.plots_dir) / 'comparison.md'} and comparison.png; to compare with "
-          f"other runs (the other student, more seeds): python report.py {' '.join(map(str, dirs))} OTHER_RUN_DIRS")
+    print(f"comparison written to {paths[0]} and {paths[1]}; to compare with other runs (the other student, more "
+          f"seeds): python report.py {' '.join(map(str, dirs))} OTHER_RUN_DIRS")
+    return paths
 
 
 def main() -> None:

@@ -4,8 +4,8 @@
     python train_lora.py --gpt_variant path/to/local/checkpoint --max_train_samples 500 --epochs 2
 
 Writes out_dir/metrics.json, the best epoch's adapter (out_dir/adapter.safetensors + adapter_config.json)
-and dev/out-of-domain predictions (predictions.json), a resumable checkpoint, and
-plots_dir/lora_{loss,accuracy}.png.
+and dev/out-of-domain predictions (predictions.json), a resumable checkpoint, and the curves
+plots_dir/{name}_{loss,accuracy}.png, where name is out_dir's last part (lora for runs/lora).
 """
 
 from __future__ import annotations
@@ -16,13 +16,15 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from data import load_cola, sample_record
+from data import ensure_cola, get_encoder, load_cola, sample_record
 from lora import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, TARGETS, export_peft, inject_lora, load_adapter, parameter_summary,
                   save_adapter)
-from model import DEFAULT_VARIANT, GPT, check_variant
-from cli import (CHECKPOINT, METRICS, PREDICTIONS, ArgumentParser, add_common_args, dropout_float, pick_hardware,
-                 positive_float, positive_int, prepare_outputs, print_outputs, run_cli, run_config)
+from model import DEFAULT_VARIANT, GPT, find_weights
+from cli import (CHECKPOINT, METRICS, PREDICTIONS, ArgumentParser, add_common_args, check_inputs, dropout_float,
+                 pick_hardware, positive_float, positive_int, prepare_outputs, print_outputs, run_cli, run_config,
+                 run_name)
 from precision import store_frozen_weights
+from report import curve_path
 from trainer import fit, report_ood, write_json
 
 
@@ -48,8 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def train(args: argparse.Namespace) -> dict:
-    check_variant(args.gpt_variant)
     prepare_outputs(args, weights=(ADAPTER_WEIGHTS, ADAPTER_CONFIG))
+    check_inputs({"CoLA": lambda: ensure_cola(args.data_dir), "tiktoken's BPE files": get_encoder,
+                  "GPT-2 weights": lambda: find_weights(args.gpt_variant)})
     torch.manual_seed(args.seed)
     device, precision = pick_hardware(args)
     data = load_cola(args.data_dir, args.max_train_samples, args.max_eval_samples)
@@ -69,7 +72,8 @@ def train(args: argparse.Namespace) -> dict:
     print(f"train {len(data['train'])} sentences, dev {len(data['dev'])}, out-of-domain dev {len(data['ood_dev'])}")
     config = {**run_config(args), "data": sample_record(data)}
     metrics = fit(model, data["train"], data["dev"], lambda logits, batch: F.cross_entropy(logits, batch.labels),
-                  args, config, "lora", lambda: save_adapter(model, args.out_dir, adapter_config), precision,
+                  args, config, run_name(args.out_dir), lambda: save_adapter(model, args.out_dir, adapter_config),
+                  precision,
                   cuda_graphs=args.cuda_graphs)
 
     load_adapter(model, args.out_dir)  # the best epoch, not the last
@@ -80,7 +84,7 @@ def train(args: argparse.Namespace) -> dict:
         print(f"PEFT adapter written to {args.export_peft}")
     out, plots = Path(args.out_dir), Path(args.plots_dir)
     print_outputs(metrics=[out / METRICS, out / PREDICTIONS], weights=[out / ADAPTER_WEIGHTS, out / ADAPTER_CONFIG],
-                  checkpoint=[out / CHECKPOINT], plots=sorted(plots.glob("lora_*.png")))
+                  checkpoint=[out / CHECKPOINT], plots=[curve_path(plots, run_name(out), k) for k in ("accuracy", "loss")])
     return metrics
 
 

@@ -6,8 +6,11 @@ all the loop needs.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import signal
+import threading
 import time
 from pathlib import Path
 from typing import Callable
@@ -92,6 +95,39 @@ def warmup_linear(total_steps: int, warmup_ratio: float) -> Callable[[int], floa
     return f
 
 
+def resume_mismatch(ckpt_path: Path, state: dict, config: dict) -> str:
+    """Why --resume refuses a checkpoint written with another config. --epochs alone gets its own reason: the
+    learning rate decays to 0 over the planned epochs, so a run cannot be extended or shortened."""
+    diff = sorted(k for k in set(config) | set(state["config"]) if config.get(k) != state["config"].get(k))
+    if diff != ["epochs"]:
+        return f"--resume: {ckpt_path} was written with a different config ({', '.join(diff)} differ)"
+    done, planned = len(state["metrics"]["epochs"]), state["config"]["epochs"]
+    what = "a finished run" if done == planned else f"a run planned for {planned} epochs"
+    return (f"--resume --epochs {config['epochs']}: {ckpt_path} is {what} ({done} of {planned} epochs done), and "
+            f"a run cannot be extended or shortened: its learning rate decays to 0 over the epochs it was started "
+            f"with. Resume with --epochs {planned}, or train a new run with --epochs {config['epochs']} "
+            "(another --out_dir, or --overwrite)")
+
+
+@contextlib.contextmanager
+def ctrl_c_after_saving():
+    """Ctrl-C while an epoch's files are written takes effect once they are all written, so that metrics.json,
+    the best weights and the checkpoint never disagree about the last epoch. Only where Ctrl-C would raise
+    KeyboardInterrupt anyway (the main thread, Python's default handler)."""
+    if (threading.current_thread() is not threading.main_thread()
+            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
+        yield
+        return
+    pressed = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: pressed.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if pressed:
+        raise KeyboardInterrupt
+
+
 def fit(model: nn.Module, train_ds: Dataset, val_ds: Dataset, loss_fn: LossFn, args: argparse.Namespace,
         config: dict, run_name: str, save_best: Callable[[], None], precision: Precision,
         cuda_graphs: bool = False) -> dict:
@@ -118,8 +154,7 @@ def fit(model: nn.Module, train_ds: Dataset, val_ds: Dataset, loss_fn: LossFn, a
     if args.resume:
         tensors, state = load_checkpoint(ckpt_path)
         if state["config"] != config:
-            diff = sorted(k for k in set(config) | set(state["config"]) if config.get(k) != state["config"].get(k))
-            raise UserError(f"--resume: {ckpt_path} was written with a different config ({', '.join(diff)} differ)")
+            raise UserError(resume_mismatch(ckpt_path, state, config))
         with torch.no_grad():
             for k, p in trainable.items():
                 p.copy_(tensors[f"model.{k}"])
@@ -145,6 +180,7 @@ def fit(model: nn.Module, train_ds: Dataset, val_ds: Dataset, loss_fn: LossFn, a
                   "--precision bf16 or fp32 can be graphed")
         forward = torch.compile(model.classify, dynamic=True) if args.compile else model.classify
         train_step = EagerStep(forward, loss_fn, optimizer, args.grad_clip, running, device, precision, scaler)
+    compiling = args.compile and isinstance(train_step, EagerStep)  # the eager step is the compiled one
     for epoch in range(len(metrics["epochs"]) + 1, args.epochs + 1):
         model.train()
         t0 = time.time()
@@ -153,7 +189,14 @@ def fit(model: nn.Module, train_ds: Dataset, val_ds: Dataset, loss_fn: LossFn, a
         bar = tqdm(batches, total=steps_per_epoch,
                    desc=f"{run_name} epoch {epoch}/{args.epochs}", leave=False)
         for step, batch in enumerate(bar, start=1):
+            if compiling:  # torch.compile compiles on the first call: say so, it can take a minute
+                tqdm.write("--compile: compiling the model on the first step (numerics differ slightly from eager)")
+                t_compile = time.time()
             train_step(batch)
+            if compiling:
+                running.read()  # waits for the device: the step, compilation included, is done
+                tqdm.write(f"--compile: compiled in {time.time() - t_compile:.1f}s")
+                compiling = False
             scheduler.step()
             if step % SYNC_EVERY == 0 or step == steps_per_epoch:
                 so_far = running.read()  # fit's only wait for the device within an epoch
@@ -169,24 +212,25 @@ def fit(model: nn.Module, train_ds: Dataset, val_ds: Dataset, loss_fn: LossFn, a
                   "val_loss": val["loss"], "val_acc": val["acc"], "val_mcc": val["mcc"],
                   "val_pos_rate": val["pos_rate"], "val_collapsed": val["collapsed"],
                   "lr": scheduler.get_last_lr()[0]}
-        metrics["epochs"].append(record)
-        print(f"epoch {epoch}: train loss {record['train_loss']:.4f} acc {record['train_acc']:.4f} | dev loss "
-              f"{val['loss']:.4f} {describe(val, val_ds.majority_acc)} | {time.time() - t0:.1f}s")
-        if metrics["best"] is None or record["val_mcc"] > metrics["best"]["val_mcc"]:
-            metrics["best_epoch"], metrics["best"] = epoch, record
-            save_best()
-            save_predictions(out_dir, "dev", val_ds, val["probs"], epoch)
-        write_json(out_dir / METRICS, metrics)
-        plot_curves(metrics, run_name, plots_dir)
-        tensors = {f"model.{k}": p for k, p in trainable.items()}
-        opt_tensors, opt_meta = optimizer_tensors(optimizer)
-        tensors.update(opt_tensors)
-        tensors["rng.cpu"] = torch.get_rng_state()
-        if device.type == "cuda":
-            tensors["rng.cuda"] = torch.cuda.get_rng_state(device)
-        save_checkpoint(ckpt_path, tensors, {"config": config, "optimizer": opt_meta,
-                                             "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-                                             "metrics": metrics})
+        with ctrl_c_after_saving():  # once this line is printed, the epoch is saved, whatever Ctrl-C does
+            metrics["epochs"].append(record)
+            print(f"epoch {epoch}: train loss {record['train_loss']:.4f} acc {record['train_acc']:.4f} | dev loss "
+                  f"{val['loss']:.4f} {describe(val, val_ds.majority_acc)} | {time.time() - t0:.1f}s")
+            if metrics["best"] is None or record["val_mcc"] > metrics["best"]["val_mcc"]:
+                metrics["best_epoch"], metrics["best"] = epoch, record
+                save_best()
+                save_predictions(out_dir, "dev", val_ds, val["probs"], epoch)
+            write_json(out_dir / METRICS, metrics)
+            plot_curves(metrics, run_name, plots_dir)
+            tensors = {f"model.{k}": p for k, p in trainable.items()}
+            opt_tensors, opt_meta = optimizer_tensors(optimizer)
+            tensors.update(opt_tensors)
+            tensors["rng.cpu"] = torch.get_rng_state()
+            if device.type == "cuda":
+                tensors["rng.cuda"] = torch.cuda.get_rng_state(device)
+            save_checkpoint(ckpt_path, tensors, {"config": config, "optimizer": opt_meta,
+                                                 "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+                                                 "metrics": metrics})
     return metrics
 
 

@@ -82,6 +82,56 @@ def test_model_py_help_shows_every_default():
                      "--device": "auto"}
 
 
+def test_eval_batch_size_help_is_each_scripts_own():
+    assert "teacher" not in help_entries("train_lora.py")["--eval_batch_size"]
+    assert "teacher" in help_entries("train_distil.py")["--eval_batch_size"]
+
+
+@pytest.mark.parametrize("script,flag", [("train_lora.py", "--max_train_sample"), ("train_distil.py", "--temp"),
+                                         ("report.py", "--plots")])
+def test_abbreviated_flags_are_refused(script, flag, tmp_path):
+    """argparse would take --max_train_sample for --max_train_samples without a word."""
+    line = error_line(cli(script, flag, "5", str(tmp_path)))
+    assert f"unrecognized arguments: {flag}" in line, line
+
+
+# ---------------------------------------------------------------- offline: what is missing, all at once
+
+def test_model_py_without_bpe_files_is_one_line(tiny_gpt2, tmp_path):
+    """tiktoken's files neither cached nor downloadable: one line naming TIKTOKEN_CACHE_DIR, not a traceback."""
+    (tmp_path / "empty").mkdir()
+    r = cli("model.py", "--gpt_variant", str(tiny_gpt2), "--max_new_tokens", "2", "--device", "cpu",
+            env={**OFFLINE, "TIKTOKEN_CACHE_DIR": str(tmp_path / "empty")})
+    line = error_line(r)
+    assert "tiktoken" in line and "TIKTOKEN_CACHE_DIR" in line and 'section "Offline"' in line, line
+
+
+def test_offline_the_first_failure_names_every_missing_input(tmp_path):
+    """CoLA, tiktoken's files and the weights all missing: one try, one line naming all three, and the README
+    section that says where each goes; nothing left behind."""
+    (tmp_path / "empty").mkdir()
+    out = tmp_path / "runs" / "lora"
+    r = cli("train_lora.py", "--gpt_variant", str(tmp_path / "ckpt"), "--data_dir", str(tmp_path / "data"),
+            "--out_dir", str(out), "--plots_dir", str(tmp_path / "plots"), "--device", "cpu",
+            env={**OFFLINE, "TIKTOKEN_CACHE_DIR": str(tmp_path / "empty")})
+    line = error_line(r)
+    assert line.startswith('error: 3 inputs are missing (README.md, section "Offline"'), line
+    for part in ("1) CoLA: could not download", "2) tiktoken's BPE files:", f"3) GPT-2 weights: --gpt_variant "
+                 f"'{tmp_path / 'ckpt'}'"):
+        assert part in line, line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty"]
+
+
+def test_rnn_mode_with_a_mistyped_teacher_blames_the_teacher(cola_dir, tmp_path):
+    """Without --gpt_variant the student's base comes from --teacher: a --teacher that holds no run is named,
+    not the default gpt2-medium that would otherwise be tried."""
+    r = cli("train_distil.py", "--mode", "rnn", "--teacher", str(tmp_path / "runs" / "lroa"), "--data_dir",
+            str(cola_dir), "--out_dir", str(tmp_path / "rnn"), "--plots_dir", str(tmp_path / "plots"))
+    line = error_line(r)
+    assert f"--teacher {tmp_path / 'runs' / 'lroa'} holds no train_lora.py run" in line and "--gpt_variant" in line
+    assert "gpt2-medium" not in line, line
+
+
 # ---------------------------------------------------------------- model.py's sampling flags
 
 BAD_SAMPLING = {"top_k_0": ("--top_k", "0"), "temperature_-1": ("--temperature", "-1"),
@@ -165,6 +215,32 @@ def test_ctrl_c_after_epoch_1_names_the_saved_epoch_and_resume_continues(tiny_gp
     assert len(json.loads((out / METRICS).read_text())["epochs"]) == 3
 
 
+def test_ctrl_c_while_an_epoch_is_saved_leaves_files_and_message_agreeing(tiny_gpt2, cola_dir, tmp_path):
+    """SIGINT the moment `epoch 1: ...` is printed, while that epoch's files are being written: metrics.json, the
+    checkpoint and the message must all say epoch 1 (the saving finishes first), and --resume continues."""
+    out = tmp_path / "lora"
+    args = lora_args(tiny_gpt2, cola_dir, out, rows=LORA_ROWS, epochs=3)
+    p = start("train_lora.py", args, tmp_path / "log")
+    for line in p.stdout:
+        if line.startswith("epoch 1:"):
+            break
+    line = interrupt(p, tmp_path / "log")
+    _, state = load_checkpoint(out / CHECKPOINT)
+    recorded = json.loads((out / METRICS).read_text())
+    assert len(state["metrics"]["epochs"]) == len(recorded["epochs"]) == 1
+    assert f"epoch 1 of 3 is saved in {out / CHECKPOINT}" in line, line
+    assert json.loads((out / PREDICTIONS).read_text())["dev"]["epoch"] == recorded["best_epoch"] == 1
+
+
+def test_resume_with_other_epochs_says_a_finished_run_cannot_be_extended(finished):
+    out, args, _ = finished
+    before = {p.name: sha256(p) for p in out.iterdir()}
+    line = error_line(cli("train_lora.py", *args, "--resume", "--epochs", "4"))
+    assert "a finished run (1 of 1 epochs done)" in line and "cannot be extended" in line, line
+    assert "--epochs 1" in line and "--overwrite" in line, line
+    assert {p.name: sha256(p) for p in out.iterdir()} == before
+
+
 # ---------------------------------------------------------------- a finished run, and the outputs a run names
 
 def named_outputs(stdout: str) -> dict[str, list[Path]]:
@@ -200,7 +276,7 @@ def test_train_distil_ends_by_naming_its_outputs(cola_dir, tmp_path):
     named = named_outputs(r.stdout)
     assert named["metrics"] == [out / METRICS, out / PREDICTIONS]
     assert named["weights"] == [out / "student.safetensors", out / "student_config.json"]
-    assert {p.name for p in named["plots"]} >= {"rnn_loss.png", "rnn_accuracy.png", "comparison.png"}
+    assert {p.name for p in named["plots"]} >= {"rnn_loss.png", "rnn_accuracy.png", "comparison_rnn.png"}
     assert all(p.is_file() for paths in named.values() for p in paths)
 
 

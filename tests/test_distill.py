@@ -298,9 +298,9 @@ def test_train_distil_end_to_end(lora_teacher, cola_dir, cola, mode, extra):
     cfg = json.loads((runs / mode / "student_config.json").read_text())
     assert cfg["embd_dim"] == 32  # --gpt_variant defaults to the teacher's base: the tiny teacher's wte width
     assert (runs / mode / "student.safetensors").stat().st_size > 0
-    for name in (f"{mode}_loss.png", f"{mode}_accuracy.png", "comparison.png"):
+    for name in (f"{mode}_loss.png", f"{mode}_accuracy.png", f"comparison_{mode}.png"):
         assert (runs / "plots" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    table = (runs / "plots" / "comparison.md").read_text()
+    table = (runs / "plots" / f"comparison_{mode}.md").read_text()
     assert "| lora |" in table and f"| {mode} |" in table and "majority baseline" in table
     assert "stranger" not in table and ("| rnn |" not in table if mode == "distil" else "| distil |" not in table)
 

@@ -147,7 +147,7 @@ def test_distil_vs_rnn_and_students_vs_teacher_are_paired(runs, tmp_path):
 
 def test_train_distil_compares_only_its_own_run_and_teacher(runs):
     """distil_2 was made with lora_2, rnn_1 and rnn_2 beside it: none of them is its teacher or itself."""
-    text = (runs / "plots_distil_2" / "comparison.md").read_text()
+    text = (runs / "plots_distil_2" / "comparison_distil_2.md").read_text()
     assert "| lora | lora | 1 | 1 |" in text and "| distil | distil | 1 | 2 |" in text and "| rnn" not in text
     assert "lora_1" in text and "distil_2" in text
     for stranger in ("lora_2", "rnn_1", "rnn_2", "distil_1"):
@@ -265,6 +265,69 @@ def test_curves_are_redrawn_from_metrics_json(runs, tmp_path):
     assert r.returncode == 0, r.stderr
     for name in ("distil_1_loss.png", "distil_1_accuracy.png"):
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_curves_mark_the_kept_epoch_and_explain_the_prior_line():
+    m = {**curve_metrics("rnn", collapsed=False), "best_epoch": 2}
+    figs = report.curve_figures(m, "rnn_2")
+    for ax in (*figs["loss"].axes, *figs["accuracy"].axes):
+        kept = [ln for ln in ax.get_lines() if ln.get_label().startswith("kept")]
+        assert len(kept) == 1 and set(kept[0].get_xdata()) == {2}, labels_of(ax)
+        assert ax.get_title().startswith("rnn_2: ")
+    prior = next(s for s in labels_of(figs["loss"].axes[0]) if s.startswith("class prior"))
+    assert "label rate" in prior and "0.619" in prior
+
+
+def test_curves_never_zoom_in_below_a_few_sentences():
+    """A run whose dev accuracy moves by one sentence in 200 (0.695 -> 0.700) must not fill its panel."""
+    m = curve_metrics("rnn", collapsed=False)
+    for r, acc in zip(m["epochs"], (0.695, 0.700, 0.695)):
+        r.update(train_acc=acc, val_acc=acc, val_mcc=0.1 + acc - 0.695, train_loss=0.6, val_loss=0.6 + acc - 0.695)
+    figs = report.curve_figures(m, "run")
+    (ce,), (acc, mcc) = figs["loss"].axes, figs["accuracy"].axes
+    for ax, span in ((ce, report.MIN_SPAN["loss"]), (acc, report.MIN_SPAN["accuracy"]),
+                     (mcc, report.MIN_SPAN["mcc"])):
+        lo, hi = ax.get_ylim()
+        assert hi - lo >= span - 1e-9, (ax.get_title(), lo, hi)
+    assert acc.get_ylim()[0] < 0.695 and acc.get_ylim()[1] > 0.700  # the data stays inside
+
+
+def test_training_and_curves_name_the_run_alike(runs, tmp_path):
+    """Training draws runs/rnn_2's curves as rnn_2_*.png titled rnn_2, as `report.py --curves` redraws them."""
+    assert (runs / "plots" / "rnn_2_accuracy.png").is_file() and not (runs / "plots" / "rnn_accuracy.png").exists()
+    r = cli("--curves", str(runs / "rnn_2"), "--plots_dir", str(tmp_path))
+    assert r.returncode == 0, r.stderr
+    assert f"wrote {tmp_path / 'rnn_2_accuracy.png'}" in r.stdout
+
+
+def test_each_training_run_writes_a_comparison_of_its_own(runs):
+    """rnn_1 and rnn_2 share a plots_dir: neither's comparison replaces the other's."""
+    for s in SEEDS:
+        text = (runs / "plots" / f"comparison_rnn_{s}.md").read_text()
+        assert str(runs / f"rnn_{s}") in text and str(runs / f"rnn_{3 - s}") not in text
+        assert (runs / "plots" / f"comparison_rnn_{s}.png").is_file()
+    assert not (runs / "plots" / "comparison.md").exists()
+
+
+def test_report_name_sets_the_file_stem(runs, tmp_path):
+    r = cli(str(runs / "rnn_1"), "--plots_dir", str(tmp_path), "--name", "rnn_only")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip().splitlines()[-1] == f"wrote {tmp_path / 'rnn_only.md'} and {tmp_path / 'rnn_only.png'}"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["rnn_only.md", "rnn_only.png"]
+
+
+def test_report_skips_folders_that_are_not_runs(runs, tmp_path):
+    """`report.py runs/*` with the teacher-logit cache (runs/cache) and a plots folder among the runs."""
+    assert (runs / "cache").is_dir() and (runs / "plots").is_dir()
+    r = cli(str(runs / "rnn_1"), str(runs / "cache"), str(runs / "plots"), "--plots_dir", str(tmp_path))
+    assert r.returncode == 0, r.stderr
+    notes = [ln for ln in r.stdout.splitlines() if ln.startswith("note: skipping")]
+    assert notes == [f"note: skipping {runs / d}: not a run directory (no metrics.json)" for d in ("cache", "plots")]
+    assert "rnn_1" in (tmp_path / "comparison.md").read_text()
+    r = cli(str(runs / "cache"), "--plots_dir", str(tmp_path / "none"))  # no run at all: an error
+    assert r.returncode == 2 and r.stderr.startswith("error: none of") and len(r.stderr.splitlines()) == 1, r.stderr
+    r = cli(str(runs / "rnn_1"), str(runs / "rnn_typo"), "--plots_dir", str(tmp_path))  # a typo is not skipped
+    assert r.returncode == 2 and "rnn_typo does not exist" in r.stderr, r.stderr
 
 
 # ---------------------------------------------------------------- saved predictions

@@ -91,10 +91,10 @@ def test_adapter_files_rebuild_the_best_epoch(run, tiny_gpt2, cola_dir):
     assert ood["acc"] == pytest.approx(m["ood_dev"]["acc"], abs=1e-9)
 
 
-@pytest.mark.parametrize("name", ["lora_loss.png", "lora_accuracy.png"])
-def test_plots_are_pngs(run, name):
-    _, plots, _ = run
-    data = (plots / name).read_bytes()
+@pytest.mark.parametrize("kind", ["loss", "accuracy"])
+def test_plots_are_pngs(run, kind):
+    out, plots, _ = run
+    data = (plots / f"{out.name}_{kind}.png").read_bytes()  # named after --out_dir's last part
     assert data[:8] == PNG_MAGIC
     assert data[12:16] == b"IHDR"
     width, height = struct.unpack(">II", data[16:24])
