@@ -1,7 +1,8 @@
 """The CUDA path: equivalence with transformers on the GPU, bf16 autocast, merge/unmerge, padding invariance,
-and train_lora.py --cuda_graphs (train_step.FixedShapeStep): the graphed step against the eager one, dropout
-under replay, the fallback when a capture fails. Skipped where there is no GPU (CI); bench/gpu_check.sh runs
-them on one."""
+and train_lora.py --cuda_graphs (train_step.FixedShapeStep): the graphed step against the eager one and against
+the same fixed-shape step run eagerly, fresh dropout masks on every replay, one shared memory pool, the fallback
+when a capture fails (a later bucket, dropout on). Skipped where there is no GPU (CI); bench/gpu_check.sh runs
+them on one. The fallback's bookkeeping also runs on CPU, with a faked capture (tests/test_fast_step.py)."""
 
 from __future__ import annotations
 
