@@ -88,6 +88,13 @@ note() {  # note TEXT: a line under the summary table
   echo "$*" >>"$WORK/notes.txt"
 }
 
+compare() {  # compare LABEL BASELINE OTHER: both steps' wall seconds from the summary, and their ratio
+  awk -F'\t' -v label="$1" -v a="$2" -v b="$3" '$1 == a && $3 == "ok" { x = $2 } $1 == b && $3 == "ok" { y = $2 }
+    END { if (x > 0 && y > 0) printf "%s: %s %.1f s, %s %.1f s wall; %s / %s = %.2fx\n", label, a, x, b, y, a, b, x / y
+          else printf "%s: %s against %s unmeasured (one of them did not finish)\n", label, a, b }' "$SUMMARY" \
+    >>"$WORK/notes.txt"
+}
+
 run_note() {  # run_note NAME OUT_DIR: best dev MCC, precision and epoch times of a finished training run
   $PY - "$2/metrics.json" "$WORK/$1.log" "$1" <<'EOF' >>"$WORK/notes.txt"
 import json, re, sys
@@ -119,18 +126,20 @@ LORA=(--gpt_variant "$CKPT" --data_dir "$DATA" --plots_dir "$WORK/plots" "${SMAL
 run lora_graphs 90 $PY train_lora.py "${LORA[@]}" --out_dir "$WORK/lora_graphs" --cuda_graphs \
   && run_note lora_graphs "$WORK/lora_graphs"
 run lora_eager 150 $PY train_lora.py "${LORA[@]}" --out_dir "$WORK/lora_eager" && run_note lora_eager "$WORK/lora_eager"
+compare "train_lora.py full default run" lora_eager lora_graphs
 
 run test_cuda 150 $PY -m pytest -q -p no:cacheprovider tests/test_cuda.py
 note "test_cuda: $(grep -E '(passed|failed|skipped|error)' "$WORK/test_cuda.log" | tail -1)"
 
 run bench_lora 100 $PY bench/bench_lora.py "${BENCH[@]}" --data-dir "$DATA" --cache-dir "$BENCH_CACHE"
-grep -E '^\| (training|MFU|eval)' "$WORK/bench_lora.log" >>"$WORK/notes.txt"
+grep -E '^\| +\| ours|^\| (training|MFU|eval)' "$WORK/bench_lora.log" >>"$WORK/notes.txt"
 
 if $PY train_lora.py --help | grep -q -- --precision; then
   for p in bf16 fp16; do
     run "lora_$p" 60 $PY train_lora.py "${LORA[@]}" "${EPOCHS2[@]}" --precision $p --out_dir "$WORK/lora_$p" \
       && run_note "lora_$p" "$WORK/lora_$p"
   done
+  compare "bf16 against fp16, eager, ${EPOCHS2[*]}" lora_fp16 lora_bf16
 else
   printf 'lora_bf16 vs lora_fp16\t-\tunmeasured: train_lora.py has no --precision\n' >>"$SUMMARY"
 fi
