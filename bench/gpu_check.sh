@@ -18,18 +18,23 @@ cd "$(dirname "$0")/.."
 MODE=${1:-device}
 CARRY=.devcarry
 PY=${PYTHON:-python3}
-case $MODE in device|--dry-run|--prepare) ;; *) echo "usage: bash bench/gpu_check.sh [--prepare | --dry-run]" >&2; exit 2;; esac
+case $MODE in
+  device|--dry-run|--prepare) ;;
+  *) echo "usage: bash bench/gpu_check.sh [--prepare | --dry-run]" >&2; exit 2;;
+esac
 
 if [ "$MODE" = --prepare ]; then
   mkdir -p $CARRY/cola/cola_public/raw $CARRY/tiktoken
   if [ -d ../shared/cola/cola_public/raw ] && [ -d ../shared/tiktoken ]; then
-    cp ../shared/cola/cola_public/raw/*.tsv $CARRY/cola/cola_public/raw/ && cp ../shared/tiktoken/* $CARRY/tiktoken/ || exit 1
+    cp ../shared/cola/cola_public/raw/*.tsv $CARRY/cola/cola_public/raw/ || exit 1
+    cp ../shared/tiktoken/* $CARRY/tiktoken/ || exit 1
   else  # the product's own downloaders, into the carried folder
     TIKTOKEN_CACHE_DIR=$PWD/$CARRY/tiktoken $PY -c "from data import ensure_cola, get_encoder
 ensure_cola('$CARRY/cola'); get_encoder()" || exit 1
   fi
   git check-ignore -q $CARRY || echo "warning: $CARRY is not git-ignored" >&2
-  echo "$CARRY: $(du -sh $CARRY | cut -f1) ($(ls $CARRY/cola/cola_public/raw | wc -l) CoLA files, $(ls $CARRY/tiktoken | wc -l) tiktoken files)"
+  echo "$CARRY: $(du -sh $CARRY | cut -f1) ($(ls $CARRY/cola/cola_public/raw | wc -l) CoLA files," \
+    "$(ls $CARRY/tiktoken | wc -l) tiktoken files)"
   echo 'carry: [".devcarry"]'
   echo 'device command: bash bench/gpu_check.sh   (timeout_s 420)'
   exit 0
@@ -37,7 +42,8 @@ fi
 
 DATA=$PWD/$CARRY/cola
 if [ ! -d "$DATA/cola_public/raw" ] || [ -z "$(ls $CARRY/tiktoken 2>/dev/null)" ]; then
-  echo "no data in $CARRY/: run 'bash bench/gpu_check.sh --prepare' first (where ../shared or the network is), and carry $CARRY" >&2
+  echo "no data in $CARRY/: run 'bash bench/gpu_check.sh --prepare' first (where ../shared or the network is)," \
+    "and carry $CARRY" >&2
   exit 2
 fi
 export GPT2_COLA_DIR=$DATA TIKTOKEN_CACHE_DIR=$PWD/$CARRY/tiktoken HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
@@ -46,7 +52,6 @@ export BENCH_CACHE=${BENCH_CACHE:-/tmp/gpt2-lora-bench}  # the random checkpoint
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/gpu_check.XXXXXX")
 LOGS=${OUT:-$WORK}
 mkdir -p "$LOGS"
-exec > >(tee "$LOGS/gpu_check.log") 2>&1
 
 if [ "$MODE" = --dry-run ]; then
   BUDGET=${GPU_CHECK_BUDGET:-900} SHAPE=tiny SLOW=3  # step limits x3: a shared 2-core CPU is slow to start
@@ -107,59 +112,66 @@ print(f"{sys.argv[3]}: {len(m['epochs'])} epochs, {sum(secs):.1f}s in them ({sum
 EOF
 }
 
-echo "=== machine ($(date -u +%FT%TZ), mode ${MODE}, budget ${BUDGET}s, work dir $WORK, logs $LOGS)"
-git log -1 --format='commit %h %s' 2>/dev/null
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || echo "no nvidia-smi"
-$PY -c "import torch, transformers, peft, tiktoken, matplotlib, tqdm, safetensors, numpy, pytest
-print('python', __import__('sys').version.split()[0], '| torch', torch.__version__, 'cuda', torch.version.cuda,
-      torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU', '| transformers', transformers.__version__,
-      '| peft', peft.__version__)" || { echo "a package is missing: docs/gpu.md says how to carry wheels"; exit 2; }
-if [ "$MODE" = device ] && ! $PY -c "import torch; assert torch.cuda.is_available()"; then
-  echo "no CUDA device: use --dry-run on a CPU machine"; exit 2
-fi
+main() {  # the steps; their output goes to the terminal and $LOGS/gpu_check.log
+  echo "=== machine ($(date -u +%FT%TZ), mode ${MODE}, budget ${BUDGET}s, work dir $WORK, logs $LOGS)"
+  git log -1 --format='commit %h %s' 2>/dev/null
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || echo "no nvidia-smi"
+  $PY -c "import sys, torch, transformers, peft, tiktoken, matplotlib, tqdm, safetensors, numpy, pytest; print(
+    'python', sys.version.split()[0], '| torch', torch.__version__, 'cuda', torch.version.cuda,
+    torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU',
+    '| transformers', transformers.__version__, '| peft', peft.__version__)" \
+    || { echo "a package is missing: docs/gpu.md says how to carry wheels"; exit 2; }
+  if [ "$MODE" = device ] && ! $PY -c "import torch; assert torch.cuda.is_available()"; then
+    echo "no CUDA device: use --dry-run on a CPU machine"; exit 2
+  fi
 
-CKPT=$BENCH_CACHE/$SHAPE-seed0
-run checkpoint 120 $PY -c "import sys; sys.path.insert(0, 'bench'); from common import checkpoint
-print(checkpoint('$SHAPE', '$BENCH_CACHE'))"
+  CKPT=$BENCH_CACHE/$SHAPE-seed0
+  run checkpoint 120 $PY -c "import sys; sys.path.insert(0, 'bench'); from common import checkpoint; print(
+    checkpoint('$SHAPE', '$BENCH_CACHE'))"
 
-LORA=(--gpt_variant "$CKPT" --data_dir "$DATA" --plots_dir "$WORK/plots" "${SMALL[@]}")
-run lora_graphs 90 $PY train_lora.py "${LORA[@]}" --out_dir "$WORK/lora_graphs" --cuda_graphs \
-  && run_note lora_graphs "$WORK/lora_graphs"
-run lora_eager 150 $PY train_lora.py "${LORA[@]}" --out_dir "$WORK/lora_eager" && run_note lora_eager "$WORK/lora_eager"
-compare "train_lora.py full default run" lora_eager lora_graphs
+  LORA=(--gpt_variant "$CKPT" --data_dir "$DATA" --plots_dir "$WORK/plots" "${SMALL[@]}")
+  run lora_graphs 90 $PY train_lora.py "${LORA[@]}" --out_dir "$WORK/lora_graphs" --cuda_graphs \
+    && run_note lora_graphs "$WORK/lora_graphs"
+  run lora_eager 150 $PY train_lora.py "${LORA[@]}" --out_dir "$WORK/lora_eager" \
+    && run_note lora_eager "$WORK/lora_eager"
+  compare "train_lora.py full default run" lora_eager lora_graphs
 
-run test_cuda 150 $PY -m pytest -q -p no:cacheprovider tests/test_cuda.py
-note "test_cuda: $(grep -E '(passed|failed|skipped|error)' "$WORK/test_cuda.log" | tail -1)"
+  run test_cuda 150 $PY -m pytest -q -p no:cacheprovider tests/test_cuda.py
+  note "test_cuda: $(grep -E '(passed|failed|skipped|error)' "$WORK/test_cuda.log" | tail -1)"
 
-run bench_lora 100 $PY bench/bench_lora.py "${BENCH[@]}" --data-dir "$DATA" --cache-dir "$BENCH_CACHE"
-grep -E '^\| +\| ours|^\| (training|MFU|eval)' "$WORK/bench_lora.log" >>"$WORK/notes.txt"
+  run bench_lora 100 $PY bench/bench_lora.py "${BENCH[@]}" --data-dir "$DATA" --cache-dir "$BENCH_CACHE"
+  grep -E '^\| +\| ours|^\| (training|MFU|eval)' "$WORK/bench_lora.log" >>"$WORK/notes.txt"
 
-if $PY train_lora.py --help | grep -q -- --precision; then
-  for p in bf16 fp16; do
-    run "lora_$p" 60 $PY train_lora.py "${LORA[@]}" "${EPOCHS2[@]}" --precision $p --out_dir "$WORK/lora_$p" \
-      && run_note "lora_$p" "$WORK/lora_$p"
+  if $PY train_lora.py --help | grep -q -- --precision; then
+    for p in bf16 fp16; do
+      run "lora_$p" 60 $PY train_lora.py "${LORA[@]}" "${EPOCHS2[@]}" --precision $p --out_dir "$WORK/lora_$p" \
+        && run_note "lora_$p" "$WORK/lora_$p"
+    done
+    compare "bf16 against fp16, eager, ${EPOCHS2[*]}" lora_fp16 lora_bf16
+  else
+    printf 'lora_bf16 vs lora_fp16\t-\tunmeasured: train_lora.py has no --precision\n' >>"$SUMMARY"
+  fi
+
+  TEACHER=$WORK/lora_graphs; [ -f "$TEACHER/metrics.json" ] || TEACHER=$WORK/lora_eager
+  if [ -f "$TEACHER/metrics.json" ]; then
+    run distil 90 $PY train_distil.py --mode distil --teacher "$TEACHER" --data_dir "$DATA" "${SMALL[@]}" \
+      --out_dir "$WORK/distil" --cache_dir "$WORK/cache" --plots_dir "$WORK/plots" && run_note distil "$WORK/distil"
+  else
+    printf 'distil\t-\tskipped: no teacher (both train_lora.py runs failed)\n' >>"$SUMMARY"; FAILED=1
+  fi
+
+  echo; echo "=== summary ($(date +%T), $(($(date +%s) - START))s in all; wall seconds include each process's startup)"
+  {
+    printf '%-24s %9s  %s\n' step "wall s" status
+    while IFS=$'\t' read -r name secs status; do printf '%-24s %9s  %s\n' "$name" "$secs" "$status"; done <"$SUMMARY"
+    echo
+    [ -f "$WORK/notes.txt" ] && cat "$WORK/notes.txt"
+  } | tee "$LOGS/summary.txt"
+  for r in lora_graphs lora_eager lora_bf16 lora_fp16 distil; do
+    [ -f "$WORK/$r/metrics.json" ] && cp "$WORK/$r/metrics.json" "$LOGS/metrics_$r.json"
   done
-  compare "bf16 against fp16, eager, ${EPOCHS2[*]}" lora_fp16 lora_bf16
-else
-  printf 'lora_bf16 vs lora_fp16\t-\tunmeasured: train_lora.py has no --precision\n' >>"$SUMMARY"
-fi
+  return $FAILED
+}
 
-TEACHER=$WORK/lora_graphs; [ -f "$TEACHER/metrics.json" ] || TEACHER=$WORK/lora_eager
-if [ -f "$TEACHER/metrics.json" ]; then
-  run distil 90 $PY train_distil.py --mode distil --teacher "$TEACHER" --data_dir "$DATA" "${SMALL[@]}" \
-    --out_dir "$WORK/distil" --cache_dir "$WORK/cache" --plots_dir "$WORK/plots" && run_note distil "$WORK/distil"
-else
-  printf 'distil\t-\tskipped: no teacher (both train_lora.py runs failed)\n' >>"$SUMMARY"; FAILED=1
-fi
-
-echo; echo "=== summary ($(date +%T), $(($(date +%s) - START))s in all; wall seconds include each process's startup)"
-{
-  printf '%-24s %9s  %s\n' step "wall s" status
-  while IFS=$'\t' read -r name secs status; do printf '%-24s %9s  %s\n' "$name" "$secs" "$status"; done <"$SUMMARY"
-  echo
-  [ -f "$WORK/notes.txt" ] && cat "$WORK/notes.txt"
-} | tee "$LOGS/summary.txt"
-for r in lora_graphs lora_eager lora_bf16 lora_fp16 distil; do
-  [ -f "$WORK/$r/metrics.json" ] && cp "$WORK/$r/metrics.json" "$LOGS/metrics_$r.json"
-done
-exit $FAILED
+main 2>&1 | tee "$LOGS/gpu_check.log"
+exit "${PIPESTATUS[0]}"
