@@ -121,7 +121,7 @@ main() {  # the steps; their output goes to the terminal and $LOGS/gpu_check.log
     torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU',
     '| transformers', transformers.__version__, '| peft', peft.__version__)" \
     || { echo "a package is missing: docs/gpu.md says how to carry wheels"; exit 2; }
-  if [ "$MODE" = device ] && ! $PY -c "import torch; assert torch.cuda.is_available()"; then
+  if [ "$MODE" = device ] && ! $PY -c "import torch; assert torch.cuda.is_available()" 2>/dev/null; then
     echo "no CUDA device: use --dry-run on a CPU machine"; exit 2
   fi
 
