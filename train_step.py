@@ -158,6 +158,7 @@ class CudaGraphs:
         self.index = device.index if device.index is not None else torch.cuda.current_device()
         self.pool = torch.cuda.graph_pool_handle()
         self.stream = torch.cuda.Stream(device)  # warm-up and capture both run here
+        self.main = torch.cuda.current_stream(device)  # the stream training runs on, made current again by recover
         self.lrs = [torch.zeros((), device=device) for _ in optimizer.param_groups]
 
     def capture(self, step: Callable[[], None]) -> torch.cuda.CUDAGraph:
