@@ -9,7 +9,7 @@
 #   bash bench/gpu_check.sh --dry-run   the same steps on the CPU with tiny shapes, in a few minutes: the plumbing
 #
 # Steps run in order of importance, each under its own timeout, and none starts once the run's budget
-# (GPU_CHECK_BUDGET seconds: 330 on the device, 900 for --dry-run, whose limits are tripled) leaves it under a
+# (GPU_CHECK_BUDGET seconds: 330 on the device, 1200 for --dry-run, whose limits are tripled) leaves it under a
 # third of its limit: a step that does not fit is listed as skipped, not run in part. Every run works in a fresh
 # temp dir, so a rerun on the same machine starts at once; only the random checkpoint is kept and reused
 # ($BENCH_CACHE). Exit status 0 when every step that ran finished, 1 otherwise, 2 when it cannot start.
@@ -54,7 +54,7 @@ LOGS=${OUT:-$WORK}
 mkdir -p "$LOGS"
 
 if [ "$MODE" = --dry-run ]; then
-  BUDGET=${GPU_CHECK_BUDGET:-900} SHAPE=tiny SLOW=3  # step limits x3: a shared 2-core CPU is slow to start
+  BUDGET=${GPU_CHECK_BUDGET:-1200} SHAPE=tiny SLOW=3  # step limits x3: a shared 2-core CPU is slow to start
   SMALL=(--device cpu --max_train_samples 96 --max_eval_samples 64 --epochs 1)
   EPOCHS2=(--epochs 1)
   BENCH=(--device cpu --variant-shape tiny --steps 3 --round 1 --warmup 1 --eval-batches 1 --eval-rounds 1 --no-memory)
