@@ -5,8 +5,9 @@ training metrics both keep on the device, so that an epoch never waits for the G
 - FixedShapeStep (train_lora.py --cuda_graphs): the same step on fixed shapes: always `batch_size` rows, the
   length rounded up to one of a few BUCKETS, the short batch padded with rows labelled IGNORE_INDEX, which the
   loss and the metrics give zero weight. On CUDA each shape is captured once as a CUDA graph and then replayed:
-  one launch a step instead of ~3,000 kernels dispatched from Python. On CPU it runs eagerly, which is how its
-  logic is tested. It has no loss scaling, so it refuses fp16.
+  one launch a step instead of ~3,000 kernels dispatched from Python. All graphs share one memory pool and one
+  side stream (CudaGraphs). On CPU it runs eagerly, which is how its logic is tested. It has no loss scaling, so
+  it refuses fp16.
 
 Both compute under the run's precision.Precision; the logits and the loss are fp32 whatever it is.
 """
@@ -20,6 +21,7 @@ import torch
 import torch.nn as nn
 
 from data import PAD_TOKEN, Batch
+from errors import UserError
 from optim import clip_grad_norm_
 from precision import Precision, store_frozen_weights
 
@@ -133,7 +135,7 @@ def pad_batch(batch: Batch, batch_size: int, length: int) -> Batch:
 @contextmanager
 def tensor_lr(optimizer: torch.optim.Optimizer, lrs: list[torch.Tensor]):
     """While capturing, AdamW (fused, capturable) reads each group's learning rate from a device tensor, which
-    FixedShapeStep refills from the scheduler's float before every replay; afterwards the groups hold floats
+    CudaGraphs.replay refills from the scheduler's float before every replay; afterwards the groups hold floats
     again, as LambdaLR and the JSON checkpoints expect."""
     saved = [(g["lr"], g["capturable"]) for g in optimizer.param_groups]
     for g, lr in zip(optimizer.param_groups, lrs):
@@ -146,16 +148,81 @@ def tensor_lr(optimizer: torch.optim.Optimizer, lrs: list[torch.Tensor]):
             g["lr"], g["capturable"] = lr, capturable
 
 
+class CudaGraphs:
+    """The CUDA side of FixedShapeStep: one memory pool and one side stream shared by all its graphs (they replay
+    one at a time, so one pool holds a single step's intermediates, not one set per bucket), AdamW's learning
+    rates as device tensors, and the clean-up a failed capture needs."""
+
+    def __init__(self, device: torch.device, optimizer: torch.optim.Optimizer):
+        self.device, self.optimizer = device, optimizer
+        self.index = device.index if device.index is not None else torch.cuda.current_device()
+        self.pool = torch.cuda.graph_pool_handle()
+        self.stream = torch.cuda.Stream(device)  # warm-up and capture both run here
+        self.main = torch.cuda.current_stream(device)  # the stream training runs on, made current again by recover
+        self.lrs = [torch.zeros((), device=device) for _ in optimizer.param_groups]
+
+    def capture(self, step: Callable[[], None]) -> torch.cuda.CUDAGraph:
+        """WARMUP_STEPS eager runs of step on the side stream (they allocate AdamW's state), then one captured."""
+        self.main = torch.cuda.current_stream(self.device)
+        self.stream.wait_stream(self.main)
+        with torch.cuda.stream(self.stream):
+            for _ in range(WARMUP_STEPS):
+                step()
+        self.main.wait_stream(self.stream)
+        graph = torch.cuda.CUDAGraph()
+        with tensor_lr(self.optimizer, self.lrs), torch.cuda.graph(graph, pool=self.pool, stream=self.stream):
+            step()
+        return graph
+
+    def replay(self, graph: torch.cuda.CUDAGraph) -> None:
+        for lr, g in zip(self.lrs, self.optimizer.param_groups):
+            lr.fill_(g["lr"])
+        graph.replay()
+
+    def recover(self) -> None:
+        """Undo what a capture_end that raised left undone, so that eager training can go on; raise if it cannot.
+
+        torch.cuda.graph's __exit__ calls capture_end, which raises at cudaStreamEndCapture when an op failed during
+        capture, before the rest of its work (ATen's CUDAGraph::capture_end, torch 2.9-2.13):
+        - the side stream stays current (the stream context is never exited): set the main stream back;
+        - the allocator keeps the pool among its captures underway: no allocation is routed to it once no stream
+          captures, but it defers freeing cross-stream blocks while any capture is underway, and a new capture
+          into the pool is refused. torch._C._cuda_endAllocateToPool and _cuda_releasePool are what capture_end
+          and the graph's reset would have called (torch.cuda.use_mem_pool and inductor's CUDA-graph trees call
+          the same pair). If capture_end got past them itself, endAllocateToPool raises and there is nothing to
+          undo. The pinned-memory allocator's twin has no Python binding; it routes only from capturing streams
+          and eager training pins nothing, so it stays as it is;
+        - on torch <= 2.10 the default CUDA generator stays in capture mode (its capture_epilogue never ran) and
+          the next eager dropout raises "Offset increment outside graph capture". A capture that ends well runs
+          the epilogue: one tiny capture does it (from 2.11 the generator keys capture state by capture id and
+          needs nothing; the tiny capture is harmless there).
+        Then one random draw, as the next dropout will make, proves the generator usable.
+        """
+        torch.cuda.set_stream(self.main)
+        try:
+            torch._C._cuda_endAllocateToPool(self.index, self.pool)
+        except RuntimeError:  # "not currently recording to mempool_id": capture_end ended it itself
+            pass
+        else:
+            torch._C._cuda_releasePool(self.index, self.pool)
+        flag = torch.zeros((), device=self.device)
+        with torch.cuda.graph(torch.cuda.CUDAGraph(), stream=self.stream):
+            flag.add_(1)  # not empty: an empty capture warns
+        torch.rand(4, device=self.device)
+        torch.cuda.synchronize(self.device)
+
+
 class FixedShapeStep:
     """The whole step on fixed shapes, one CUDA graph per length bucket (graphs=True, CUDA), or eagerly.
 
     Each bucket has a static device buffer; a batch is padded on the CPU and copied into it, then the bucket's
-    graph is replayed. The first batch of a bucket captures its graph: WARMUP_STEPS eager steps on a side stream
-    (they allocate AdamW's state), then one captured step; the weights, optimizer state and metrics those steps
-    moved are put back, so capturing does not train. Gradients are allocated once, outside any graph, and zeroed
-    in place, so every graph and the optimizer share them. Dropout draws from the default CUDA generator,
-    which every capture registers (torch advances its offset by the graph's total at each replay). If a
-    capture fails, one line says so and training continues eagerly, on the same shapes.
+    graph is replayed. The first batch of a bucket captures its graph (CudaGraphs.capture: eager warm-up steps,
+    then one captured step); the weights, optimizer state and metrics those steps moved are put back, so
+    capturing does not train. Gradients are allocated once, outside any graph, and zeroed in place, so every
+    graph and the optimizer share them. Dropout draws from the default CUDA generator, which every capture
+    registers (torch advances its offset by the graph's total at each replay). If a capture fails, one line gives
+    the real cause, the graphs are dropped and training continues eagerly on the same shapes; if CUDA cannot be
+    brought back to a usable state for that, the run stops with one line saying to rerun without --cuda_graphs.
 
     The loss must give rows labelled IGNORE_INDEX zero weight (F.cross_entropy does by default). Pad rows go
     through the model, so gradients are exactly those of the real rows: padding changes only the shapes.
@@ -169,16 +236,15 @@ class FixedShapeStep:
         self.model, self.loss_fn, self.optimizer, self.grad_clip = model, loss_fn, optimizer, grad_clip
         self.batch_size, self.metrics, self.device, self.buckets = batch_size, metrics, device, buckets
         self.precision = precision
-        self.capture = graphs and device.type == "cuda"
         self.params = [p for g in optimizer.param_groups for p in g["params"]]
         with torch.no_grad():
             for p in self.params:
                 p.grad = torch.zeros_like(p)  # static: backward accumulates into it in place
         self.buffers: dict[int, torch.Tensor] = {}  # bucket length -> (batch_size, length + 3) int64
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        if self.capture:
+        self.cuda_graphs = CudaGraphs(device, optimizer) if graphs and device.type == "cuda" else None
+        if self.cuda_graphs:
             store_frozen_weights(model, precision.dtype)
-            self.lrs = [torch.zeros((), device=device) for _ in optimizer.param_groups]
 
     def __call__(self, batch: Batch) -> None:
         length = bucket_length(batch.ids.size(1), self.buckets)
@@ -186,15 +252,13 @@ class FixedShapeStep:
         host = torch.cat([p.ids, p.lengths[:, None], p.labels[:, None], p.index[:, None]], dim=1)  # one copy
         if length not in self.buffers:
             self.buffers[length] = torch.empty_like(host, device=self.device)
-        buf = self.buffers[length]
-        buf.copy_(host.pin_memory() if self.capture else host, non_blocking=self.capture)
+        buf, pinned = self.buffers[length], self.device.type == "cuda" and self.cuda_graphs is not None
+        buf.copy_(host.pin_memory() if pinned else host, non_blocking=pinned)
         static = Batch(buf[:, :length], buf[:, length], buf[:, length + 1], buf[:, length + 2])
-        if self.capture and length not in self.graphs:
+        if self.cuda_graphs and length not in self.graphs:
             self._capture(length, static)
         if length in self.graphs:
-            for lr, g in zip(self.lrs, self.optimizer.param_groups):
-                lr.fill_(g["lr"])
-            self.graphs[length].replay()
+            self.cuda_graphs.replay(self.graphs[length])
         else:
             self._step(static)
 
@@ -211,25 +275,25 @@ class FixedShapeStep:
         self.metrics.update(loss, logits, static.labels, (static.labels != IGNORE_INDEX).sum())
 
     def _capture(self, length: int, static: Batch) -> None:
-        saved, stream = self._snapshot(), torch.cuda.current_stream(self.device)
+        saved = self._snapshot()
         try:
-            side = torch.cuda.Stream(self.device)
-            side.wait_stream(stream)
-            with torch.cuda.stream(side):
-                for _ in range(WARMUP_STEPS):
-                    self._step(static)
-            stream.wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with tensor_lr(self.optimizer, self.lrs), torch.cuda.graph(graph):
-                self._step(static)
-            self.graphs[length] = graph
-        except Exception as e:  # whatever the cause, training goes on without graphs rather than stop
-            reason = (str(e).strip().splitlines() or [""])[0][:160]
-            print(f"--cuda_graphs: capturing the {length}-token step failed ({type(e).__name__}: {reason}); "
-                  "training continues eagerly")
-            self.capture = False
+            self.graphs[length] = self.cuda_graphs.capture(lambda: self._step(static))
+        except Exception as e:  # whatever the cause, training goes on without graphs if CUDA allows it
+            # capture_end's own error ("operation failed due to a previous error during capture") is raised while
+            # the real one propagates: that one is its __context__
+            cause = e.__context__ or e
+            reason = f"{type(cause).__name__}: {(str(cause).strip().splitlines() or [''])[0][:160]}"
+            cuda_graphs, self.cuda_graphs = self.cuda_graphs, None
             self.graphs.clear()
-            torch.cuda.set_stream(stream)  # a failed capture_end leaves torch.cuda.graph's capture stream current
+            try:
+                cuda_graphs.recover()
+            except Exception as broken:
+                raise UserError(f"--cuda_graphs: capturing the {length}-token step failed ({reason}) and CUDA "
+                                f"could not be restored for eager training ({type(broken).__name__}: "
+                                f"{(str(broken).strip().splitlines() or [''])[0][:120]}); rerun without "
+                                "--cuda_graphs") from None
+            print(f"--cuda_graphs: capturing the {length}-token step failed ({reason}); the graphs are dropped "
+                  "and training continues eagerly")
         self._restore(saved)
 
     def _snapshot(self) -> tuple:

@@ -92,13 +92,23 @@ def machine() -> str:
 # ---------------------------------------------------------------- models
 
 def checkpoint(shape: str, cache_dir: str, seed: int = 0) -> Path:
-    """A transformers GPT-2 checkpoint of the given shape with random weights, written once and reused."""
+    """A transformers GPT-2 checkpoint of the given shape with random weights, written once and reused. Written
+    beside and renamed, so that a run killed mid-write (a step's timeout) leaves no half checkpoint to reuse."""
+    import shutil
+    import tempfile
+
     from transformers import GPT2Config, GPT2LMHeadModel
     path = Path(cache_dir) / f"{shape}-seed{seed}"
-    if not (path / "config.json").is_file():
+    if not path.is_dir():
         n_layer, n_head, n_embd = SHAPES[shape]
         torch.manual_seed(seed)
-        GPT2LMHeadModel(GPT2Config(n_layer=n_layer, n_head=n_head, n_embd=n_embd)).save_pretrained(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
+        GPT2LMHeadModel(GPT2Config(n_layer=n_layer, n_head=n_head, n_embd=n_embd)).save_pretrained(partial)
+        try:
+            partial.rename(path)
+        except OSError:  # another process wrote it first
+            shutil.rmtree(partial)
     return path
 
 

@@ -1,5 +1,7 @@
-"""Shared fixtures. Real CoLA and real tiktoken: from ../shared when it is there (CI, offline), otherwise
-downloaded once through data.py's own downloader and tiktoken's, into a cache (a user's fresh clone)."""
+"""Shared fixtures. Real CoLA and real tiktoken: from GPT2_COLA_DIR and TIKTOKEN_CACHE_DIR when set (a machine
+with no network: bench/gpu_check.sh sets them to its carried folder), else from ../shared when it is there (CI,
+offline), otherwise downloaded once through data.py's own downloader and tiktoken's, into a cache (a user's
+fresh clone)."""
 
 from __future__ import annotations
 
@@ -17,6 +19,11 @@ if (SHARED / "tiktoken").is_dir():
     os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(SHARED / "tiktoken"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the hub; local checkpoints only
 COLA_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "gpt2-lora-cola"
+# a --data_dir that already holds CoLA's cola_public/raw/, or None: then COLA_CACHE, filled on first use
+if os.environ.get("GPT2_COLA_DIR"):
+    COLA_DIR: Path | None = Path(os.environ["GPT2_COLA_DIR"]).resolve()
+else:
+    COLA_DIR = SHARED / "cola" if (SHARED / "cola" / "cola_public" / "raw").is_dir() else None
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:
@@ -26,8 +33,10 @@ def pytest_sessionstart(session: pytest.Session) -> None:
 
     from data import ensure_cola, get_encoder
     from errors import UserError
+    if COLA_DIR and not (COLA_DIR / "cola_public" / "raw").is_dir():
+        raise pytest.UsageError(f"GPT2_COLA_DIR={COLA_DIR} holds no cola_public/raw/ (CoLA's raw TSVs)")
     try:
-        if not (SHARED / "cola" / "cola_public" / "raw").is_dir():
+        if COLA_DIR is None:
             ensure_cola(COLA_CACHE)
         get_encoder()
     except UserError as e:
@@ -39,9 +48,7 @@ def pytest_sessionstart(session: pytest.Session) -> None:
 @pytest.fixture(scope="session")
 def cola_dir() -> Path:
     """A --data_dir holding CoLA."""
-    if (SHARED / "cola" / "cola_public" / "raw").is_dir():
-        return SHARED / "cola"
-    return COLA_CACHE
+    return COLA_DIR or COLA_CACHE
 
 
 @pytest.fixture(scope="session")

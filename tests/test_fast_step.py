@@ -22,8 +22,8 @@ from data import Dataset, collate, iterate
 from errors import UserError
 from lora import inject_lora, lora_modules
 from model import GPT, DistilRNN
-from train_step import (BUCKETS, IGNORE_INDEX, EagerStep, FixedShapeStep, RunningMetrics, bucket_length,
-                        pad_batch)
+from train_step import (BUCKETS, IGNORE_INDEX, WARMUP_STEPS, EagerStep, FixedShapeStep, RunningMetrics,
+                        bucket_length, pad_batch)
 from cli import METRICS
 from precision import Precision
 from trainer import SYNC_EVERY, fit, make_optimizer, warmup_linear
@@ -134,6 +134,81 @@ def test_capture_warmup_is_undone(tiny_gpt2, cola, one_thread):
         runs.append(run_steps(step, model, optimizer, batches))
     assert runs[0][0] == runs[1][0]
     assert all(torch.equal(a, b) for a, b in zip(runs[0][1], runs[1][1]))
+
+
+class CpuGraphs:
+    """train_step.CudaGraphs' part of the work, played on the CPU so that FixedShapeStep's bookkeeping around it runs
+    here: capture runs the warm-up steps as CudaGraphs does, then returns the step itself as the "graph", which
+    replay runs. The capture numbered fail_at raises as torch.cuda.graph does when an op failed during capture:
+    capture_end's own error, raised while the real one propagates. recover raises recover_error if given, as
+    CudaGraphs.recover does when CUDA cannot be brought back."""
+
+    def __init__(self, fail_at: int = 0, recover_error: Exception | None = None):
+        self.fail_at, self.recover_error = fail_at, recover_error
+        self.captures, self.replays, self.recovered = 0, 0, 0
+
+    def capture(self, step):
+        for _ in range(WARMUP_STEPS):
+            step()
+        self.captures += 1
+        if self.captures == self.fail_at:
+            try:
+                raise RuntimeError("CUDA error: operation not permitted when stream is capturing\nmore lines")
+            except RuntimeError:
+                raise RuntimeError("CUDA error: operation failed due to a previous error during capture")
+        return step
+
+    def replay(self, graph) -> None:
+        self.replays += 1
+        graph()
+
+    def recover(self) -> None:
+        self.recovered += 1
+        if self.recover_error:
+            raise self.recover_error
+
+
+def test_a_later_bucket_failing_to_capture_is_one_line_with_the_real_cause_and_training_goes_on(tiny_gpt2, cola,
+                                                                                                capsys, one_thread):
+    """The first bucket is captured and replayed; the second bucket's capture fails. One line names the real
+    cause, not capture_end's; the state is recovered once; no graph is replayed again; and the run ends with the
+    losses and weights of the same step never graphed, bit for bit (the failed capture's warm-up is undone)."""
+    batches = list(iterate(subset(cola["train"], 200), 32, shuffle=True, seed=3))
+    lengths = [bucket_length(b.ids.size(1)) for b in batches]
+    first_other = next(i for i, n in enumerate(lengths) if n != lengths[0])
+    assert first_other >= 1 and len(set(lengths)) >= 3  # replays before the failure, buckets after it
+    runs, graphs = [], CpuGraphs(fail_at=2)
+    for fake in (None, graphs):
+        model = lora_gpt(tiny_gpt2).train()
+        optimizer = make_optimizer(model, 1e-2, 0.01)
+        step = FixedShapeStep(model, cross_entropy, optimizer, 1.0, 32, RunningMetrics(CPU), CPU, FP32, graphs=False)
+        step.cuda_graphs = fake
+        runs.append(run_steps(step, model, optimizer, batches))
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if "cuda_graphs" in ln]
+    assert lines == [f"--cuda_graphs: capturing the {lengths[first_other]}-token step failed (RuntimeError: CUDA "
+                     "error: operation not permitted when stream is capturing); the graphs are dropped and training "
+                     "continues eagerly"], lines
+    assert step.graphs == {} and step.cuda_graphs is None
+    assert (graphs.captures, graphs.recovered, graphs.replays) == (2, 1, first_other)
+    assert runs[1][0] == runs[0][0]
+    assert all(torch.equal(a, b) for a, b in zip(runs[1][1], runs[0][1]))
+
+
+def test_a_capture_failure_that_cannot_be_recovered_from_stops_with_one_line(tiny_gpt2, cola, one_thread):
+    """If CUDA cannot be brought back (torch <= 2.10's generator left in capture mode, say), the run stops with one
+    UserError line naming both causes and saying to rerun without --cuda_graphs, instead of crashing later."""
+    model = lora_gpt(tiny_gpt2).train()
+    optimizer = make_optimizer(model, 1e-2, 0.01)
+    step = FixedShapeStep(model, cross_entropy, optimizer, 1.0, 32, RunningMetrics(CPU), CPU, FP32, graphs=False)
+    step.cuda_graphs = CpuGraphs(fail_at=1, recover_error=RuntimeError(
+        "Offset increment outside graph capture encountered unexpectedly."))
+    batch = collate(cola["train"], list(range(32)))
+    with pytest.raises(UserError) as e:
+        step(batch)
+    msg = str(e.value)
+    assert "\n" not in msg and msg.endswith("rerun without --cuda_graphs"), msg
+    assert "operation not permitted when stream is capturing" in msg and "Offset increment outside" in msg, msg
+    assert "previous error" not in msg and step.graphs == {}
 
 
 def test_running_metrics_equal_the_host_side_loop():
