@@ -3,7 +3,16 @@ curves redrawn from metrics.json, saved predictions; and the fixes that came wit
 --max_*_samples, non-overlapping epoch seeds, the distillation teacher checked on --resume and in the cache).
 
 The runs are real train_lora.py / train_distil.py runs (in-process, one thread) on a tiny random GPT-2 and real
-CoLA: 64 training rows, one epoch.
+CoLA: 64 training rows, one epoch; the bootstrap's own tests also use runs made in memory from real dev labels.
+
+Bugs these tests exist to catch (each was planted and seen to fail a test):
+- the bootstrap unpaired: groups (or the seeds of a group) resampled independently, or a comparison's
+  samples sorted before subtracting; a 90% or 99% interval instead of 95%; another number of resamples;
+- MCC wrong in report.scores and trainer.matthews_corrcoef alike (pinned to hand-worked confusion matrices,
+  not only to each other); a one-class predictor of class 0 (not only of class 1) not flagged as collapsed;
+- a std that is not the sample std; runs on other dev sets in one table; another dev set's baseline;
+- leftover or missing predictions.json accepted; unstratified --max_*_samples; epoch seeds shared between
+  neighbouring seeds; a retrained teacher reused on --resume; one cache entry for CPU and CUDA logits.
 """
 
 from __future__ import annotations
@@ -200,6 +209,107 @@ def test_the_same_model_has_a_narrower_interval_on_the_full_dev_set(runs, tmp_pa
     assert width[527] < width[100]
 
 
+def fake_run(kind: str, seed: int, preds: np.ndarray, labels: np.ndarray) -> report.Run:
+    """A finished run of `kind` in memory whose best epoch predicted `preds` on the dev sentences `labels`."""
+    acc, mcc = report.scores(preds, labels)
+    best = {"val_acc": float(acc), "val_mcc": float(mcc), "val_collapsed": False}
+    metrics = {"config": {"mode": kind, "seed": seed}, "best_epoch": 1, "best": best,
+               "majority_baseline": {"val_acc": max(labels.mean(), 1 - labels.mean())}}
+    dev = {"epoch": 1, "rows": list(range(len(labels))), "labels": labels.astype(int).tolist(),
+           "p1": np.where(preds, 0.9, 0.1).tolist()}
+    return report.Run(Path(f"{kind}_{seed}"), metrics, {"dev": dev})
+
+
+@pytest.fixture(scope="module")
+def teacher_and_student(cola) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """labels (527,) of real dev; a teacher wrong on every 4th sentence; a student wrong where the teacher is,
+    and on 20 more sentences: consistently, if slightly, worse."""
+    labels = np.array(cola["dev"].labels) == 1
+    teacher = labels.copy()
+    teacher[::4] = ~teacher[::4]
+    student = teacher.copy()
+    right = np.flatnonzero(teacher == labels)
+    student[right[::20]] = ~student[right[::20]]
+    assert (student != teacher).sum() == 20
+    return labels, teacher, student
+
+
+def test_comparisons_score_both_groups_on_the_same_resampled_sentences(teacher_and_student):
+    """The paired difference, rebuilt here: both groups scored on each of the N_BOOT resamples (seed
+    BOOT_SEED), and the 2.5th and 97.5th percentiles of their difference. Resampling the groups independently
+    gives an interval ~4x wider that contains 0; the paired one excludes it (the student is worse on 20
+    sentences, and never better)."""
+    labels, teacher, student = teacher_and_student
+    (table,) = report.build_report([fake_run("lora", 1, teacher, labels), fake_run("distil", 1, student, labels)])
+    (c,) = table["comparisons"]
+    assert c["name"] == "distil − lora"
+    idx = np.random.default_rng(0).integers(0, len(labels), size=(2000, len(labels)))
+    diff = report.scores(student[idx], labels[idx])[1] - report.scores(teacher[idx], labels[idx])[1]
+    assert c["ci"] == pytest.approx(tuple(np.percentile(diff, [2.5, 97.5])), abs=1e-12)
+    assert c["ci"][1] < 0  # excludes 0
+    own = [np.subtract(*r["mcc_ci"][::-1]) for r in table["rows"]]
+    assert np.subtract(*c["ci"][::-1]) < 0.6 * min(own)
+
+
+def test_seeds_of_a_group_and_groups_of_a_table_share_the_resamples(runs, tmp_path):
+    """The real runs (two seeds a group): every interval equals the one rebuilt from one shared set of
+    resamples, each seed scored on the same sentences and averaged."""
+    _, rep = report.compare(small_dirs(runs), tmp_path)
+    groups = {g.kind: g for g in report.make_groups([report.load_run(d) for d in small_dirs(runs)])}
+    labels = np.array(groups["lora"].dev["labels"]) == 1
+    idx = np.random.default_rng(0).integers(0, len(labels), size=(2000, len(labels)))
+    boot = {}
+    for kind, g in groups.items():
+        per_seed = [report.scores(p[idx], labels[idx]) for p in g.preds()]
+        boot[kind] = [np.mean([s[k] for s in per_seed], axis=0) for k in (0, 1)]  # acc, mcc
+    rows = {r["kind"]: r for r in rep[0]["rows"]}
+    for kind, (acc, mcc) in boot.items():
+        assert rows[kind]["acc_ci"] == pytest.approx(tuple(np.percentile(acc, [2.5, 97.5])), abs=1e-12)
+        assert rows[kind]["mcc_ci"] == pytest.approx(tuple(np.percentile(mcc, [2.5, 97.5])), abs=1e-12)
+    for c in rep[0]["comparisons"]:
+        a, b = c["name"].split(" − ")
+        assert c["ci"] == pytest.approx(tuple(np.percentile(boot[a][1] - boot[b][1], [2.5, 97.5])), abs=1e-12)
+
+
+def test_the_interval_is_95_percent(teacher_and_student):
+    """Pinned on numbers whose percentiles are known, and on a fixed predictor whose accuracy's bootstrap
+    distribution is ~normal, sd sqrt(p (1 - p) / n): its width is 2 x 1.96 sd (a 90% interval would be
+    2 x 1.645 sd, 16% narrower; a 99% one 31% wider)."""
+    assert report.interval(np.arange(2001.0)) == (50.0, 1950.0)
+    assert report.interval(np.arange(2001.0)[::-1]) == (50.0, 1950.0)
+    labels, teacher, _ = teacher_and_student
+    (table,) = report.build_report([fake_run("lora", 1, teacher, labels)])
+    lo, hi = table["rows"][0]["acc_ci"]
+    p, n = (teacher == labels).mean(), len(labels)
+    assert (hi - lo) / (2 * 1.96 * (p * (1 - p) / n) ** 0.5) == pytest.approx(1.0, abs=0.08)
+    assert report.N_BOOT == 2000 and report.resamples(n).shape == (2000, n)
+
+
+def confusion(tp: int, tn: int, fp: int, fn: int) -> tuple[np.ndarray, np.ndarray]:
+    """(preds, labels) bool with the given confusion matrix."""
+    labels = np.array([1] * tp + [0] * tn + [0] * fp + [1] * fn) == 1
+    preds = np.array([1] * tp + [0] * tn + [1] * fp + [0] * fn) == 1
+    return preds, labels
+
+
+# (tp, tn, fp, fn) -> MCC = (tp tn - fp fn) / sqrt((tp + fp)(tp + fn)(tn + fp)(tn + fn)), worked by hand
+HAND_MCC = {(5, 3, 1, 2): 13 / 840 ** 0.5,  # (15 - 2) / sqrt(6 * 7 * 4 * 5) = 0.44854
+            (2, 1, 4, 3): -10 / 600 ** 0.5,  # (2 - 12) / sqrt(6 * 5 * 5 * 4) = -0.40825
+            (7, 1, 0, 2): 7 / 189 ** 0.5,  # (7 - 0) / sqrt(7 * 9 * 1 * 3) = 0.50918
+            (3, 3, 0, 0): 1.0, (0, 0, 3, 3): -1.0,
+            (4, 0, 2, 0): 0.0, (0, 4, 0, 2): 0.0}  # one class predicted: 0 by convention, not 0/0
+
+
+@pytest.mark.parametrize("counts", list(HAND_MCC))
+def test_mcc_of_hand_worked_confusion_matrices(counts):
+    from trainer import matthews_corrcoef
+    preds, labels = confusion(*counts)
+    acc, mcc = report.scores(preds, labels)
+    assert mcc == pytest.approx(HAND_MCC[counts], abs=1e-12)
+    assert acc == pytest.approx((counts[0] + counts[1]) / sum(counts), abs=1e-12)
+    assert matthews_corrcoef(torch.tensor(preds), torch.tensor(labels)) == pytest.approx(HAND_MCC[counts], abs=1e-12)
+
+
 def test_scores_match_the_trainer_mcc(cola):
     from metrics import matthews_corrcoef
     labels = torch.tensor(cola["dev"].labels)
@@ -211,6 +321,28 @@ def test_scores_match_the_trainer_mcc(cola):
         assert acc == pytest.approx(float((preds == labels).float().mean()), abs=1e-6)
     acc, mcc = report.scores(np.ones(len(labels), bool), labels.numpy() == 1)  # one class: MCC 0
     assert mcc == 0 and acc == pytest.approx(365 / 527)
+
+
+@pytest.mark.parametrize("cls", [0, 1])
+def test_a_one_class_predictor_is_flagged_collapsed_whichever_class(cola, cls):
+    """Both one-class predictors, the minority class (0 on CoLA) too, are flagged and named; one sentence of
+    the other class is enough not to be."""
+    from trainer import describe, evaluate, summarize
+    labels = torch.tensor(cola["dev"].labels)
+    stats = summarize(torch.full_like(labels, cls), labels)
+    assert stats["collapsed"] is True and stats["pos_rate"] == cls and stats["mcc"] == 0
+    assert f"COLLAPSED: predicts only class {cls}" in describe(stats, 0.69)
+    preds = torch.full_like(labels, cls)
+    preds[100] = 1 - cls
+    stats = summarize(preds, labels)
+    assert stats["collapsed"] is False and "COLLAPSED" not in describe(stats, 0.69)
+    model = DistilRNN(embd_dim=8, hidden_size=8).eval()  # a head that always says cls, through evaluate
+    with torch.no_grad():
+        model.head.weight.zero_()
+        model.head.bias.copy_(torch.tensor([5.0, -5.0]) * (1 - 2 * cls))
+    stats = evaluate(model, cola["dev"], 256, torch.device("cpu"))
+    assert stats["collapsed"] is True and stats["pos_rate"] == cls
+    assert stats["acc"] == pytest.approx((365 if cls else 162) / 527)
 
 
 # ---------------------------------------------------------------- curves
