@@ -1,10 +1,23 @@
-"""Distillation: the KD loss against hand-computed references, DistilRNN's padding invariance, the teacher
-cache, the transfer of a teacher's function, and train_distil.py end to end."""
+"""Distillation: the KD loss against hand-computed references, DistilRNN's padding invariance and the layer
+it reads, predict_logits' row order, the teacher cache, the transfer of a teacher's function, and
+train_distil.py end to end.
+
+Bugs these tests exist to catch (each was planted and seen to fail a test):
+- the KD loss: T^2 dropped or inverted, KL reversed, the hard term averaged over unlabelled rows;
+- DistilRNN reading a padding step, the bottom layer of a stack, or its directions in the wrong order;
+- predict_logits returning rows in length-sorted batch order (or any other order than the dataset's);
+- the teacher-logit cache keyed without the rows (only split name and size), on sorted rows, on lengths or
+  on the first rows only; without the teacher; a teacher fingerprint blind to the base checkpoint's files;
+- perturb drawing from a fresh or global generator instead of the one it is given;
+- a distilled student that does not learn the teacher's function; metrics.json's best accuracy not that of
+  the saved student.
+"""
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import subprocess
 import sys
@@ -15,9 +28,9 @@ import torch
 import torch.nn.functional as F
 
 from conftest import ROOT
-from data import collate, stratified_sample
-from distill import UNLABELLED, augment, kd_loss, perturb, teacher_logits
-from lora import inject_lora, save_adapter
+from data import Dataset, collate, stratified_sample
+from distill import UNLABELLED, augment, cache_key, kd_loss, perturb, teacher_fingerprint, teacher_logits
+from lora import build_lora_classifier, inject_lora, save_adapter
 from model import GPT, DistilRNN
 from metrics import predict_logits
 from precision import Precision
@@ -127,14 +140,57 @@ def test_rnn_reads_the_last_real_token_not_padding(cola):
         assert not torch.allclose(m.classify(ids, b.lengths)[0], base)
 
 
+@pytest.mark.parametrize("cell,bidirectional,num_layers", [("gru", True, 2), ("lstm", True, 2), ("gru", False, 2),
+                                                           ("rnn", True, 3)])
+def test_stacked_rnn_reads_the_top_layers_final_states(cola, cell, bidirectional, num_layers):
+    """The head reads the top layer: its forward output after the last real token and, bidirectional, its
+    backward output at the first token. The reference runs the unpadded sentence through the RNN alone, whose
+    output sequence is the top layer's; the model sees it padded, in a batch."""
+    torch.manual_seed(0)
+    m = DistilRNN(embd_dim=16, hidden_size=12, num_layers=num_layers, cell=cell, bidirectional=bidirectional).eval()
+    b = collate(cola["dev"], [3, 7, max(range(100), key=lambda i: len(cola["dev"].ids[i]))])
+    H = 12
+    with torch.no_grad():
+        got = m.classify(b.ids, b.lengths)
+        for i in range(2):  # rows 3 and 7 are padded in this batch
+            L = int(b.lengths[i])
+            out, _ = m.rnn(m.wte(b.ids[i:i + 1, :L]))  # (1, L, directions * H): the top layer's outputs
+            final = [out[0, L - 1, :H]] + ([out[0, 0, H:]] if bidirectional else [])
+            torch.testing.assert_close(got[i], m.head(torch.cat(final)), rtol=0, atol=1e-6)
+
+
+def test_predict_logits_returns_rows_in_dataset_order(cola):
+    """Batches are sorted by length; the logits must come back in the dataset's order, each row's own."""
+    torch.manual_seed(0)
+    m = DistilRNN(embd_dim=16, hidden_size=12).eval()
+    ds = cola["dev"]
+    rows = list(range(100))
+    assert sorted(rows, key=lambda i: len(ds.ids[i])) != rows  # length order is not dataset order here
+    sub = Dataset("dev", [ds.sentences[i] for i in rows], [ds.ids[i] for i in rows], [ds.labels[i] for i in rows])
+    got = predict_logits(m, sub, 16, CPU, FP32)
+    with torch.no_grad():
+        want = m.classify(*ids_lengths(sub, rows))  # one padded batch, in dataset order
+    assert got.shape == (100, 2)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+
+
+def ids_lengths(ds: Dataset, rows: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    b = collate(ds, rows)
+    return b.ids, b.lengths
+
+
 # ---------------------------------------------------------------- augmentation
 
 def test_perturb_is_deterministic_never_empty_and_augment_labels_copies_unlabelled(cola):
     import random
     words = "the cat sat on the mat".split()
-    a = [perturb(words, random.Random(1)) for _ in range(1)]
-    b = [perturb(words, random.Random(1)) for _ in range(1)]
-    assert a == b
+    draws = {}
+    for seed in (1, 1, 2):
+        rng = random.Random(seed)
+        draws.setdefault(seed, []).append([perturb(words, rng) for _ in range(20)])
+    assert draws[1][0] == draws[1][1]  # the same seed, the same 20 copies
+    assert len({tuple(w) for w in draws[1][0]}) > 5  # each draw moves the generator on
+    assert draws[2][0] != draws[1][0]
     rng = random.Random(0)
     assert all(perturb(["one"], rng) for _ in range(50))
     train = cola["train"]
@@ -215,19 +271,25 @@ def test_distillation_transfers_the_teachers_function(random_teacher, tmp_path, 
     distilled = train_distil.train(distil_args(random_teacher, tmp_path, cola_dir, "--mode", "distil",
                                                "--alpha", "1", *common))
     gold = train_distil.train(distil_args(random_teacher, tmp_path, cola_dir, "--mode", "rnn", *common))
-    t = teacher_logits(random_teacher, {"dev": cola["dev"]}, tmp_path / "cache", 128, CPU, FP32)["dev"].argmax(-1)
+    everything = list(range(len(cola["dev"])))  # one padded batch, in dataset order: no predict_logits here
+    with torch.no_grad():
+        t = build_lora_classifier(random_teacher)[0].eval().classify(*ids_lengths(cola["dev"], everything)).argmax(-1)
+    gold_labels = torch.tensor(cola["dev"].labels)
 
-    def agreement_of(run: str) -> float:
+    def predictions_of(run: str) -> torch.Tensor:
         from safetensors.torch import load_file
         cfg = json.loads((tmp_path / run / "student_config.json").read_text())
-        m = DistilRNN(**cfg)
+        m = DistilRNN(**cfg).eval()
         m.load_state_dict(load_file(str(tmp_path / run / "student.safetensors")))
-        return float((predict_logits(m, cola["dev"], 128, CPU, FP32).argmax(-1) == t).float().mean())
+        with torch.no_grad():
+            return m.classify(*ids_lengths(cola["dev"], everything)).argmax(-1)
 
-    a_distil, a_gold = agreement_of("distil"), agreement_of("rnn")
-    assert distilled["teacher_agreement_dev"] == pytest.approx(a_distil)
+    p_distil, p_gold = predictions_of("distil"), predictions_of("rnn")
+    a_distil, a_gold = (float((p == t).float().mean()) for p in (p_distil, p_gold))
+    assert distilled["teacher_agreement_dev"] == pytest.approx(a_distil, abs=1e-9)
     assert a_distil > a_gold + 0.10, (a_distil, a_gold)
-    assert gold["best"]["val_acc"] >= 0  # the gold run completed and recorded its best epoch
+    for run, p in ((distilled, p_distil), (gold, p_gold)):  # the recorded best epoch is the saved student's
+        assert run["best"]["val_acc"] == pytest.approx(float((p == gold_labels).float().mean()), abs=1e-9)
 
 
 def test_teacher_runs_once_per_sentence_and_is_cached(random_teacher, tmp_path, cola_dir, monkeypatch):
@@ -258,6 +320,74 @@ def test_teacher_runs_once_per_sentence_and_is_cached(random_teacher, tmp_path, 
     save_file(w, str(changed / "adapter.safetensors"))
     train_distil.train(distil_args(changed, tmp_path / "a", cola_dir, *args[:-1], "1", "--overwrite"))
     assert sum(rows) == 250
+
+
+def rows_of(ds: Dataset, rows: list[int], name: str = "train") -> Dataset:
+    return Dataset(name, [ds.sentences[i] for i in rows], [ds.ids[i] for i in rows], [ds.labels[i] for i in rows], rows)
+
+
+def test_teacher_cache_key_depends_on_the_rows_not_only_the_split_and_size(cola):
+    """Same split name and size, other rows (another sample, another --augment draw, another order, one token
+    changed in the last row): another key. The same rows again: the same key. The key's other parts count too."""
+    train = cola["train"]
+    a = rows_of(train, list(range(100)))
+    keys = {"a": cache_key("teacher", a, CPU, FP32),
+            "other sample": cache_key("teacher", rows_of(train, list(range(100, 200))), CPU, FP32),
+            "other order": cache_key("teacher", rows_of(train, list(range(99, -1, -1))), CPU, FP32),
+            "augment 0": cache_key("teacher", augment(rows_of(train, list(range(50))), 1, seed=0), CPU, FP32),
+            "augment 1": cache_key("teacher", augment(rows_of(train, list(range(50))), 1, seed=1), CPU, FP32),
+            "other teacher": cache_key("other teacher", a, CPU, FP32),
+            "other precision": cache_key("teacher", a, CPU, Precision("bf16", "cpu"))}
+    last = rows_of(train, list(range(100)))
+    last.ids[-1] = [*last.ids[-1][:-1], last.ids[-1][-1] + 1]
+    keys["last token"] = cache_key("teacher", last, CPU, FP32)
+    assert len(set(keys.values())) == len(keys), keys
+    assert cache_key("teacher", rows_of(train, list(range(100))), CPU, FP32) == keys["a"]
+    assert cache_key("teacher", rows_of(train, list(range(100)), name="dev"), CPU, FP32) == keys["a"]  # not names
+
+
+def test_teacher_cache_serves_each_dataset_its_own_logits(random_teacher, cola, tmp_path):
+    """Two datasets named alike, of one size, one after the other through one cache: each gets the teacher's
+    logits of its own rows (computed here without predict_logits), not the other's."""
+    teacher = build_lora_classifier(random_teacher)[0].eval()
+    dev = cola["dev"]
+    for rows in (list(range(60)), list(range(60, 120)), list(range(60))):
+        ds = rows_of(dev, rows, name="dev")
+        got = teacher_logits(random_teacher, {"dev": ds}, tmp_path / "cache", 32, CPU, FP32)["dev"]
+        with torch.no_grad():
+            want = teacher.classify(*ids_lengths(ds, list(range(len(ds)))))
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+    assert len(list((tmp_path / "cache").glob("teacher_*.safetensors"))) == 2
+
+
+def test_a_changed_base_checkpoint_changes_the_teacher_and_its_logits(random_teacher, cola, tmp_path):
+    """The teacher is its adapter and its base: rewriting the local base's weights (same size, a later
+    modification time, as any re-save) must change the fingerprint, so the cache is not hit."""
+    from safetensors.torch import load_file, save_file
+    cfg = json.loads((random_teacher / "adapter_config.json").read_text())
+    base, teacher = tmp_path / "base", tmp_path / "teacher"
+    shutil.copytree(cfg["gpt_variant"], base)
+    shutil.copytree(random_teacher, teacher, ignore=shutil.ignore_patterns("cache"))
+    (teacher / "adapter_config.json").write_text(json.dumps({**cfg, "gpt_variant": str(base)}))
+    ds = rows_of(cola["dev"], list(range(40)), name="dev")
+    before = teacher_fingerprint(teacher)
+    assert teacher_fingerprint(teacher) == before  # nothing changed: the same teacher
+    old = teacher_logits(teacher, {"dev": ds}, tmp_path / "cache", 32, CPU, FP32)["dev"]
+
+    weights = base / "model.safetensors"
+    w = load_file(str(weights))
+    torch.manual_seed(1)
+    w["transformer.wte.weight"] = w["transformer.wte.weight"] + 0.5 * torch.randn_like(w["transformer.wte.weight"])
+    st = weights.stat()
+    save_file(w, str(weights), metadata={"format": "pt"})
+    os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    assert weights.stat().st_size == st.st_size
+    assert teacher_fingerprint(teacher) != before
+    new = teacher_logits(teacher, {"dev": ds}, tmp_path / "cache", 32, CPU, FP32)["dev"]
+    with torch.no_grad():
+        want = build_lora_classifier(teacher)[0].eval().classify(*ids_lengths(ds, list(range(40))))
+    assert (new - old).abs().max() > 1e-3
+    torch.testing.assert_close(new, want, rtol=0, atol=1e-5)
 
 
 # ---------------------------------------------------------------- end to end, as a user runs it
