@@ -8,7 +8,7 @@ CoLA: 64 training rows, one epoch; the bootstrap's own tests also use runs made 
 Bugs these tests exist to catch (each was planted and seen to fail a test):
 - the bootstrap unpaired: groups (or the seeds of a group) resampled independently, or a comparison's
   samples sorted before subtracting; a 90% or 99% interval instead of 95%; another number of resamples;
-- MCC wrong in report.scores and trainer.matthews_corrcoef alike (pinned to hand-worked confusion matrices,
+- MCC wrong in report.scores and metrics.matthews_corrcoef alike (pinned to hand-worked confusion matrices,
   not only to each other); a one-class predictor of class 0 (not only of class 1) not flagged as collapsed;
 - a std that is not the sample std; runs on other dev sets in one table; another dev set's baseline;
 - leftover or missing predictions.json accepted; unstratified --max_*_samples; epoch seeds shared between
@@ -302,7 +302,7 @@ HAND_MCC = {(5, 3, 1, 2): 13 / 840 ** 0.5,  # (15 - 2) / sqrt(6 * 7 * 4 * 5) = 0
 
 @pytest.mark.parametrize("counts", list(HAND_MCC))
 def test_mcc_of_hand_worked_confusion_matrices(counts):
-    from trainer import matthews_corrcoef
+    from metrics import matthews_corrcoef
     preds, labels = confusion(*counts)
     acc, mcc = report.scores(preds, labels)
     assert mcc == pytest.approx(HAND_MCC[counts], abs=1e-12)
@@ -327,7 +327,7 @@ def test_scores_match_the_trainer_mcc(cola):
 def test_a_one_class_predictor_is_flagged_collapsed_whichever_class(cola, cls):
     """Both one-class predictors, the minority class (0 on CoLA) too, are flagged and named; one sentence of
     the other class is enough not to be."""
-    from trainer import describe, evaluate, summarize
+    from metrics import describe, evaluate, summarize
     labels = torch.tensor(cola["dev"].labels)
     stats = summarize(torch.full_like(labels, cls), labels)
     assert stats["collapsed"] is True and stats["pos_rate"] == cls and stats["mcc"] == 0
