@@ -72,3 +72,14 @@ def make_gpt2_checkpoint(path: Path, n_layer: int = 2, n_head: int = 2, n_embd: 
 @pytest.fixture(scope="session")
 def tiny_gpt2(tmp_path_factory) -> Path:
     return make_gpt2_checkpoint(tmp_path_factory.mktemp("tiny_gpt2"))
+
+
+@pytest.fixture(scope="session")
+def lora_ref(tmp_path_factory, tiny_gpt2, cola_dir) -> Path:
+    """An uninterrupted 3-epoch train_lora.py run (test_robustness.py's flags, LORA_ROWS rows): what an
+    interrupted and resumed run must equal (test_robustness.py, test_cli.py); also a distillation teacher.
+    Session-scoped, so the two modules share one run."""
+    from test_robustness import EPOCHS, LORA_ROWS, cli, lora_args, ok
+    out = tmp_path_factory.mktemp("lora_ref") / "lora"
+    ok(cli("train_lora.py", *lora_args(tiny_gpt2, cola_dir, out, rows=LORA_ROWS, epochs=EPOCHS)))
+    return out

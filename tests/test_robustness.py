@@ -3,7 +3,8 @@
 - Reproducibility: the same seed gives a byte-identical metrics.json (train_lora.py, train_distil.py).
 - Interruption: a run SIGKILLed during epoch 2 and continued with --resume ends exactly where an
   uninterrupted run ends; stale *.tmp files from the kill do not matter.
-- NaN/inf losses stop the run with a UserError naming epoch and step; the last checkpoint stays loadable.
+- NaN/inf losses stop the run with a UserError naming epoch and step; the last checkpoint stays loadable and
+  continues the run to where an uninterrupted run ends.
 - Bad input (flags, files, teachers, checkpoints, output dirs): exit status 2, one `error:` line naming the
   culprit, never a traceback.
 - Checkpoints and adapters are safetensors (no pickle anywhere, torch.load only with weights_only=True).
@@ -11,6 +12,11 @@
 Every script runs as a subprocess with OMP_NUM_THREADS=1: a tiny model gains nothing from threads, and on a
 busy 2-core machine OpenMP spin-waiting makes each step ~40x slower. The many bad-input runs are started
 concurrently (they mostly spend their time importing torch).
+
+Bugs these tests exist to catch: a run that is not reproducible from its seed; a resume that does not restore
+the optimizer, the scheduler or the RNG (each planted and seen to fail the NaN test's resume and the killed-
+and-resumed tests); a checkpoint half-written by a kill; a NaN run that claims or corrupts a checkpoint; bad
+input that ends in a traceback or names the wrong culprit; pickle or torch.load without weights_only.
 """
 
 from __future__ import annotations
@@ -99,14 +105,7 @@ def other_gpt2(tmp_path_factory) -> Path:
 # ---------------------------------------------------------------- the reference runs
 
 LORA_ROWS, EPOCHS = 2000, 3  # long enough epochs that a kill just after epoch 1's checkpoint lands in epoch 2
-
-
-@pytest.fixture(scope="module")
-def lora_ref(tmp_path_factory, tiny_gpt2, cola_dir) -> Path:
-    """An uninterrupted 3-epoch train_lora.py run; also the teacher of the distillation tests."""
-    out = tmp_path_factory.mktemp("lora_ref") / "lora"
-    ok(cli("train_lora.py", *lora_args(tiny_gpt2, cola_dir, out, rows=LORA_ROWS, epochs=EPOCHS)))
-    return out
+# lora_ref (conftest.py): the uninterrupted train_lora.py run of these flags, shared with test_cli.py.
 
 
 # ---------------------------------------------------------------- 1. reproducibility
@@ -245,11 +244,22 @@ def test_non_finite_loss_stops_with_epoch_and_step_and_keeps_the_checkpoint(cola
     assert [r["epoch"] for r in state["metrics"]["epochs"]] == [1]
     assert all(torch.isfinite(v).all() for k, v in tensors.items() if k.startswith("model."))
     assert len(json.loads((Path(args.out_dir) / METRICS).read_text())["epochs"]) == 1
-    # ... and that checkpoint continues the run once the loss is sane again.
+    # ... and that checkpoint continues the run once the loss is sane again, to where the run would have ended
+    # had the loss never been bad: the same records and the same weights.
+    sane = lambda lg, b: F.cross_entropy(lg, b.labels)  # noqa: E731
     torch.manual_seed(0)
-    metrics = fit(DistilRNN(embd_dim=8, hidden_size=8), train, dev, lambda lg, b: F.cross_entropy(lg, b.labels),
-                  fit_args(tmp_path, resume=True), {"k": 1}, "rnn", lambda: None, FP32)
+    resumed = DistilRNN(embd_dim=8, hidden_size=8)
+    metrics = fit(resumed, train, dev, sane, fit_args(tmp_path, resume=True), {"k": 1}, "rnn", lambda: None, FP32)
+    ref_args = fit_args(tmp_path / "ref")
+    for d in (ref_args.out_dir, ref_args.plots_dir):
+        Path(d).mkdir(parents=True)
+    torch.manual_seed(0)
+    uninterrupted = DistilRNN(embd_dim=8, hidden_size=8)
+    want = fit(uninterrupted, train, dev, sane, ref_args, {"k": 1}, "rnn", lambda: None, FP32)
     assert [r["epoch"] for r in metrics["epochs"]] == [1, 2, 3]
+    assert metrics["epochs"] == want["epochs"] and metrics["best_epoch"] == want["best_epoch"]
+    a, b = resumed.state_dict(), uninterrupted.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 # ---------------------------------------------------------------- 4. bad input: one line, exit 2, no traceback
