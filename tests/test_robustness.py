@@ -14,9 +14,10 @@ busy 2-core machine OpenMP spin-waiting makes each step ~40x slower. The many ba
 concurrently (they mostly spend their time importing torch).
 
 Bugs these tests exist to catch: a run that is not reproducible from its seed; a resume that does not restore
-the optimizer, the scheduler or the RNG (each planted and seen to fail the NaN test's resume and the killed-
-and-resumed tests); a checkpoint half-written by a kill; a NaN run that claims or corrupts a checkpoint; bad
-input that ends in a traceback or names the wrong culprit; pickle or torch.load without weights_only.
+the optimizer, the scheduler or the RNG (each planted and seen to fail the NaN test's resume; the killed-and-
+resumed tests compare with an uninterrupted run too); a checkpoint half-written by a kill; a NaN run that
+claims or corrupts a checkpoint; bad input that ends in a traceback or names the wrong culprit; pickle, or
+torch.load without weights_only.
 """
 
 from __future__ import annotations
