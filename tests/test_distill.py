@@ -2,15 +2,15 @@
 it reads, predict_logits' row order, the teacher cache, the transfer of a teacher's function, and
 train_distil.py end to end.
 
-Bugs these tests exist to catch (each was planted and seen to fail a test):
-- the KD loss: T^2 dropped or inverted, KL reversed, the hard term averaged over unlabelled rows;
-- DistilRNN reading a padding step, the bottom layer of a stack, or its directions in the wrong order;
-- predict_logits returning rows in length-sorted batch order (or any other order than the dataset's);
+Bugs these tests exist to catch (each planted and seen to fail a test):
+- the KD loss: T^2 dropped or divided by, KL reversed, the hard term over unlabelled rows too;
+- DistilRNN reading padding steps, the bottom layer of a stack, or its directions in the wrong order;
+- predict_logits returning rows in length-sorted batch order, or reversed (the transfer test then fails on
+  the recorded accuracy);
 - the teacher-logit cache keyed without the rows (only split name and size), on sorted rows, on lengths or
-  on the first rows only; without the teacher; a teacher fingerprint blind to the base checkpoint's files;
-- perturb drawing from a fresh or global generator instead of the one it is given;
-- a distilled student that does not learn the teacher's function; metrics.json's best accuracy not that of
-  the saved student.
+  on the first rows only, or without the teacher; a teacher fingerprint blind to the base checkpoint's files
+  (ignored, names only, or its path only);
+- perturb drawing from a fresh or global generator instead of the one it is given.
 """
 
 from __future__ import annotations

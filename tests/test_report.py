@@ -5,14 +5,15 @@ curves redrawn from metrics.json, saved predictions; and the fixes that came wit
 The runs are real train_lora.py / train_distil.py runs (in-process, one thread) on a tiny random GPT-2 and real
 CoLA: 64 training rows, one epoch; the bootstrap's own tests also use runs made in memory from real dev labels.
 
-Bugs these tests exist to catch (each was planted and seen to fail a test):
+Bugs these tests exist to catch. Planted and seen to fail a test:
 - the bootstrap unpaired: groups (or the seeds of a group) resampled independently, or a comparison's
-  samples sorted before subtracting; a 90% or 99% interval instead of 95%; another number of resamples;
+  samples sorted before subtracting; a 90% or 99% interval instead of 95%;
 - MCC wrong in report.scores and metrics.matthews_corrcoef alike (pinned to hand-worked confusion matrices,
-  not only to each other); a one-class predictor of class 0 (not only of class 1) not flagged as collapsed;
-- a std that is not the sample std; runs on other dev sets in one table; another dev set's baseline;
-- leftover or missing predictions.json accepted; unstratified --max_*_samples; epoch seeds shared between
-  neighbouring seeds; a retrained teacher reused on --resume; one cache entry for CPU and CUDA logits.
+  not only to each other); a one-class predictor of class 0 (not only of class 1) not flagged as collapsed,
+  or named as the wrong class.
+Guarded too: a std that is not the sample std; runs on other dev sets in one table, or with another dev set's
+baseline; leftover or missing predictions.json accepted; unstratified --max_*_samples; epoch seeds shared
+between neighbouring seeds; a retrained teacher reused on --resume; one cache entry for CPU and CUDA logits.
 """
 
 from __future__ import annotations

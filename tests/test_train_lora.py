@@ -1,13 +1,14 @@
 """train_lora.py end to end, as a user runs it: a tiny local GPT-2, real CoLA, two epochs; and the optimiser and
 learning-rate schedule (trainer.py) it shares with train_distil.py.
 
-Bugs these tests exist to catch (each was planted and seen to fail a test):
-- metrics.json missing keys, non-finite values, a best epoch that is not the best dev MCC;
-- baselines of other rows than those evaluated; adapter files that do not rebuild the best epoch;
+Bugs these tests exist to catch. Planted and seen to fail a test:
 - the schedule: an off-by-one warmup (LR 0 at the first step), a decay that never reaches 0 or does not
-  end at the last step, warmup counted on one epoch's steps instead of the run's;
-- weight decay on the token embedding (wte), on biases or norms, or on nothing;
-- a bad --lora_targets that is not one error line.
+  end at the last step, a floor under the decay, warmup and decay counted on one epoch's steps instead of
+  the run's;
+- weight decay on the token embedding (wte), on biases, on nothing, or with its groups swapped.
+Guarded too: metrics.json missing keys or holding non-finite values, a best epoch that is not the best dev
+MCC; baselines of other rows than those evaluated; adapter files that do not rebuild the best epoch; a bad
+--lora_targets that is not one error line.
 """
 
 from __future__ import annotations
