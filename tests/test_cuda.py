@@ -2,7 +2,12 @@
 and train_lora.py --cuda_graphs (train_step.FixedShapeStep): the graphed step against the eager one and against
 the same fixed-shape step run eagerly, fresh dropout masks on every replay, one shared memory pool, the fallback
 when a capture fails (a later bucket, dropout on). Skipped where there is no GPU (CI); bench/gpu_check.sh runs
-them on one. The fallback's bookkeeping also runs on CPU, with a faked capture (tests/test_fast_step.py)."""
+them on one. The fallback's bookkeeping also runs on CPU, with a faked capture (tests/test_fast_step.py).
+
+Bugs these tests exist to catch: GPU logits that differ from transformers'; bf16 autocast off, or too far
+from fp32; merge/unmerge or padding invariance that holds on CPU only; a graphed step that drifts from the
+eager one or replays the same dropout mask; a failed capture that is not a clean fallback.
+"""
 
 from __future__ import annotations
 

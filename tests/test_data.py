@@ -1,4 +1,10 @@
-"""CoLA: finding, verifying, downloading and extracting the archive; parsing; tokenizing; batching."""
+"""CoLA: finding, verifying, downloading and extracting the archive; parsing; tokenizing; batching.
+
+Bugs these tests exist to catch: a corrupted or cut-off download accepted or left behind; a malformed row
+that is not named by file and line; sampled rows out of file order; ids that are not tiktoken's GPT-2 BPE;
+padding beyond the longest sentence of a batch; training batches that miss or repeat a row, or ignore the
+seed; evaluation batches not sorted by length.
+"""
 
 from __future__ import annotations
 

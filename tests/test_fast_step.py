@@ -1,6 +1,12 @@
 """train_step.py on CPU: the fixed-shape step (the one --cuda_graphs captures on CUDA) computes what the eager
 step computes, pad rows weigh nothing, and the device-side running metrics equal the host-side loop's.
-The graphed CUDA path itself is tested in tests/test_cuda.py."""
+The graphed CUDA path itself is tested in tests/test_cuda.py.
+
+Bugs these tests exist to catch: pad rows that carry loss or gradient in the fixed-shape step; a fixed-shape
+step that drifts from the eager one; capture warm-up steps left in the weights or the optimizer; running
+metrics that differ from the host-side sums; a NaN step named late or not at all; --cuda_graphs without CUDA
+that changes the results.
+"""
 
 from __future__ import annotations
 

@@ -1,7 +1,12 @@
 """GPT.from_pretrained without transformers: what it loads (every weight, tied, from either file format and
 either key naming), what it draws from the RNG (only the new head), how it refuses a broken checkpoint or an
 unreachable hub; LoRA injection without throwaway weights; and train_distil.py loading the base GPT-2 once.
-(Logits against transformers through this loader: tests/test_model.py.)"""
+(Logits against transformers through this loader: tests/test_model.py.)
+
+Bugs these tests exist to catch: a weight not taken from the checkpoint, lm_head not tied to wte; the loader
+drawing random numbers for weights it then overwrites (which shifts every seed's run); a format or key naming
+not understood; a broken checkpoint or an unreachable hub ending in a traceback; the base GPT-2 loaded twice.
+"""
 
 from __future__ import annotations
 

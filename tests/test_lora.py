@@ -1,5 +1,12 @@
 """LoRA: the zero start, merge/unmerge, rank and scaling, which layers are wrapped and trained, that it can learn
-a low-rank update, and the adapter file round trip."""
+a low-rank update, and the adapter file round trip.
+
+Bugs these tests exist to catch: B not initialised to zero (injection changes the model); a wrong scaling
+(alpha / r, alpha / sqrt(r) with rslora); dropout that is biased or active in eval; merge/unmerge that does
+not restore W0 bit for bit, or a merged layer that still trains; trainable weights other than LoRA and the
+head; a target matching the wrong layers (attn.c_proj vs mlp.c_proj); an adapter that does not round-trip
+or is loaded onto a base of another rank, targets or width.
+"""
 
 from __future__ import annotations
 

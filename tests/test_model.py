@@ -1,5 +1,11 @@
 """model.GPT against transformers' GPT-2: same logits, loss, greedy generation and classification pooling,
-on real tokenized CoLA sentences; and from_pretrained's refusals."""
+on real tokenized CoLA sentences; and from_pretrained's refusals.
+
+Bugs these tests exist to catch: a weight, bias or LayerNorm not loaded or loaded transposed; a wrong GELU,
+attention scale or causal mask; classification pooling a padding position instead of the last real token,
+or depending on what a sentence is batched with; greedy generation that differs from transformers'; a
+checkpoint that is not GPT-2, or an unreachable hub, ending in a traceback instead of one line.
+"""
 
 from __future__ import annotations
 
