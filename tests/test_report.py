@@ -341,7 +341,7 @@ def test_a_one_class_predictor_is_flagged_collapsed_whichever_class(cola, cls):
     with torch.no_grad():
         model.head.weight.zero_()
         model.head.bias.copy_(torch.tensor([5.0, -5.0]) * (1 - 2 * cls))
-    stats = evaluate(model, cola["dev"], 256, torch.device("cpu"))
+    stats = evaluate(model, cola["dev"], 256, torch.device("cpu"), Precision("fp32", "cpu"))
     assert stats["collapsed"] is True and stats["pos_rate"] == cls
     assert stats["acc"] == pytest.approx((365 if cls else 162) / 527)
 
