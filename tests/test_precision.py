@@ -8,6 +8,10 @@ compute dtype, all checked on CPU, where autocast runs bf16 and fp16 through the
 - Frozen weights stored in bf16/fp16 give, under the same autocast, the logits and training steps of fp32
   weights bit for bit, once wte's one rounding (an embedding lookup is no autocast op) is accounted for; the
   paths around training (generation, evaluation, the teacher pass) run with them.
+
+Bugs these tests exist to catch: auto picking the wrong precision for a card (fp16 on an Ampere card was
+planted and failed), fp16 without loss scaling (planted, failed), clipping before unscaling, an overflow step
+that is applied or stops the run, a scaler state lost on resume, stored weights that change the logits.
 """
 
 from __future__ import annotations
