@@ -6,6 +6,10 @@
 - Clipping and GradScaler.unscale_ see the same norm and values with a sparse gradient as with the dense one.
 - The compact optimizer state (moments of seen rows only) round-trips exactly; a student run interrupted after
   epoch 1 and resumed writes the same checkpoint and student, byte for byte, as an uninterrupted one.
+
+Bugs these tests exist to catch: a lazy step without Adam's bias correction, or with beta1's weights swapped
+(both planted and failed); clipping that can scale a sparse gradient up (planted, failed); rows the gradient
+does not hold moving; duplicate tokens not summed; optimizer state lost or shifted on resume.
 """
 
 from __future__ import annotations

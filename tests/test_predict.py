@@ -1,6 +1,11 @@
 """predict.py and inference.py: tiny runs trained by the real scripts on real CoLA, then predicted again from
 their directories. The dev predictions must reproduce training's predictions.json; the GLUE file must have
-GLUE's layout; every bad input is one line and exit 2."""
+GLUE's layout; every bad input is one line and exit 2.
+
+Bugs these tests exist to catch: predictions that differ from training's for the same weights (another
+row order, precision or model than the run's), a GLUE file in another layout, bad input ending in a
+traceback.
+"""
 
 from __future__ import annotations
 
