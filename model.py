@@ -365,8 +365,7 @@ class DistilRNN(nn.Module):
     """A small recurrent classifier over GPT-2 tokens: embedding -> RNN/GRU/LSTM -> linear.
 
     It reads the final state of each *real* sequence (sequences are packed by length), never a padding
-    step, so a sentence's prediction does not depend on what it is batched with. A batch without padding (one
-    sentence, or all of one length) skips the packing: at batch 1 packing and unpacking cost more than the RNN.
+    step, so a sentence's prediction does not depend on what it is batched with.
     """
 
     CELLS = {"rnn": nn.RNN, "gru": nn.GRU, "lstm": nn.LSTM}
@@ -387,11 +386,7 @@ class DistilRNN(nn.Module):
     def classify(self, idx: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """idx (B, T) right-padded, lengths (B,) -> logits (B, n_classes)."""
         x = self.drop(self.wte(idx))  # (B, T, E)
-        lengths = lengths.cpu()  # packing needs them on the host anyway
-        if bool((lengths == idx.size(1)).all()):
-            _, h = self.rnn(x)  # no padding: every final state is a real one
-        else:
-            _, h = self.rnn(pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False))
+        _, h = self.rnn(pack_padded_sequence(x, lengths.cpu(), batch_first=True, enforce_sorted=False))
         if isinstance(h, tuple):  # LSTM returns (h_n, c_n)
             h = h[0]
         # h: (num_layers * directions, B, H), in the batch's original order; keep the top layer.

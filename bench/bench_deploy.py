@@ -27,7 +27,6 @@ from common import DEFAULT_DATA, PeakMemory, checkpoint, machine, mib, run_worke
 import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
-from torch.nn.utils.rnn import pack_padded_sequence  # noqa: E402
 
 from data import collate, load_cola  # noqa: E402
 from inference import Classifier, load_classifier, p_acceptable  # noqa: E402
@@ -38,7 +37,6 @@ from precision import Precision  # noqa: E402
 SHAPE = "gpt2-medium"
 STORED = {"fp16": torch.float16, "bf16": torch.bfloat16}  # student variants: the embedding's dtype
 SIDES = ("teacher", "student", "student-fp16", "student-bf16")
-PACKED = "student, always packed"
 
 
 def run_dirs(work: Path, student_run: Path | None) -> dict[str, Path]:
@@ -101,15 +99,6 @@ def call(clf: Classifier, batch) -> None:
     clf.model.classify(batch.ids, batch.lengths)
 
 
-@torch.no_grad()
-def packed_classify(model: DistilRNN, idx: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-    """DistilRNN.classify before its batch-1 path: every batch packed. The baseline of that change."""
-    x = model.drop(model.wte(idx))  # (B, T, E)
-    _, h = model.rnn(pack_padded_sequence(x, lengths.cpu(), batch_first=True, enforce_sorted=False))
-    h = h.view(model.rnn.num_layers, -1, h.size(1), h.size(2))[-1]  # (directions, B, H)
-    return model.head(model.drop(torch.cat(list(h), dim=-1)))
-
-
 def timed(fn, *args) -> tuple[float, float]:
     """Wall-clock and CPU seconds of one call. On a machine shared with other jobs the wall clock also counts
     the time the process waited for a core; its CPU time (all its threads) does not."""
@@ -165,22 +154,16 @@ def main() -> None:
     delta = {side: float((probs[side] - probs["student"]).abs().max()) for side in SIDES if side != "teacher"}
 
     # batch-1 latency: per sentence, each side once, in an order that rotates; over --passes passes
-    # (and the fp32 student always packed, as before its batch-1 path, checked equal first)
-    times = {side: [] for side in (*SIDES, PACKED)}
+    times = {side: [] for side in SIDES}
     batches = [collate(dev, [i]) for i in latency_rows]
-    student = sides["student"].model
-    for b in batches:
-        torch.testing.assert_close(packed_classify(student, b.ids, b.lengths), student.classify(b.ids, b.lengths),
-                                   rtol=0, atol=1e-6)
     for side in SIDES:  # warm-up
         for b in batches[:3]:
             call(sides[side], b)
     for n in range(args.passes):
         for j, b in enumerate(batches):
-            order = (*SIDES, PACKED)[(j + n) % 5:] + (*SIDES, PACKED)[:(j + n) % 5]
-            for side in order:
-                fn, args_ = (packed_classify, (student, b.ids, b.lengths)) if side == PACKED else (call, (sides[side], b))
-                times[side].append(timed(fn, *args_))
+            k = (j + n) % len(SIDES)
+            for side in SIDES[k:] + SIDES[:k]:
+                times[side].append(timed(call, sides[side], b))
     # large-batch throughput: one batch of --throughput-batch dev sentences, sides alternating, --passes times
     big = collate(dev, throughput_rows)
     rate = {side: [] for side in SIDES}
@@ -215,10 +198,6 @@ def main() -> None:
           f"{time.time() - t0:.0f}s")
     print("targets: student >= 300x faster at batch 1, >= 10x smaller to ship, |dP| <= 1e-3\n")
     print(table(rows) + "\n")
-    for k, clock in enumerate(("wall clock", "CPU time")):
-        new, old = lat["student"][k], lat[PACKED][k]
-        print(f"the student's batch-1 path, {clock}: median {new[0] * 1e3:.2f} ms against {old[0] * 1e3:.2f} ms always "
-              f"packed (before), {old[0] / new[0]:.2f}x; p90 {new[1] * 1e3:.2f} against {old[1] * 1e3:.2f} ms")
 
 
 if __name__ == "__main__":

@@ -112,8 +112,8 @@ def test_teacher_is_loaded_merged_and_computes_the_unmerged_function(runs, dev_t
     torch.testing.assert_close(p, q, rtol=0, atol=1e-6)
 
 
-def test_student_batch_one_skips_packing_with_the_same_outputs(cola):
-    """The lean path (no packing when nothing is padded) against the packed path on real dev sentences."""
+def test_a_students_prediction_does_not_depend_on_its_batch(cola):
+    """Alone, in a batch of one length, or padded beside a longer sentence: the same logits (real dev sentences)."""
     torch.manual_seed(0)
     m = DistilRNN(embd_dim=24, hidden_size=16).eval()
     dev = cola["dev"]
@@ -126,9 +126,9 @@ def test_student_batch_one_skips_packing_with_the_same_outputs(cola):
     with torch.no_grad():
         mixed = m.classify(batch.ids, batch.lengths)[1:]  # (3, 2)
         equal = collate(dev, same)
-        together = m.classify(equal.ids, equal.lengths)  # all of one length: not packed
+        together = m.classify(equal.ids, equal.lengths)  # all of one length: no padding
         alone = torch.cat([m.classify(collate(dev, [i]).ids, collate(dev, [i]).lengths) for i in same])
-        padded_one = m.classify(batch.ids[1:2], batch.lengths[1:2])  # one sentence, padded: must be packed
+        padded_one = m.classify(batch.ids[1:2], batch.lengths[1:2])  # one sentence, right-padded
     torch.testing.assert_close(together, mixed, rtol=0, atol=1e-6)
     torch.testing.assert_close(alone, mixed, rtol=0, atol=1e-6)
     torch.testing.assert_close(padded_one, mixed[:1], rtol=0, atol=1e-6)
