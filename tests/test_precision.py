@@ -33,7 +33,7 @@ from cli import CHECKPOINT, METRICS
 from data import Dataset, collate, iterate
 from distill import teacher_logits
 from errors import UserError
-from lora import TARGETS, inject_lora, lora_modules
+from lora import inject_lora, lora_modules
 from metrics import predict_logits
 from model import GPT
 from precision import Precision, choose_precision, device_line, store_frozen_weights
