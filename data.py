@@ -197,8 +197,12 @@ class Batch:
     index: torch.Tensor    # (B,) rows of the dataset, e.g. to look up cached teacher logits
 
     def to(self, device: torch.device) -> Batch:
+        """ids, labels and index to `device`; lengths stay where they are (on the host, from collate): the student
+        packs its sequences with them there (pack_padded_sequence reads them on the CPU, and reading them back
+        from a GPU would wait for it every step), and GPT.classify copies them to its device itself."""
         nb = device.type == "cuda"
-        return Batch(*(t.to(device, non_blocking=nb) for t in (self.ids, self.lengths, self.labels, self.index)))
+        ids, labels, index = (t.to(device, non_blocking=nb) for t in (self.ids, self.labels, self.index))
+        return Batch(ids, self.lengths, labels, index)
 
 
 def collate(ds: Dataset, rows: list[int]) -> Batch:

@@ -25,6 +25,9 @@ from metrics import predict_logits
 from precision import Precision, store_frozen_weights
 
 UNLABELLED = -1  # label of augmented sentences: they carry only the teacher's soft targets
+# How the teacher's logits are computed, in the cache key: "fp32-head" since the head runs outside autocast (the
+# logits are true fp32); entries written before (the head under autocast: bf16-rounded logits) must miss.
+CACHE_VERSION = "fp32-head"
 
 
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor, temperature: float,
@@ -38,8 +41,11 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: 
     T = temperature
     soft = F.kl_div(F.log_softmax(student_logits / T, dim=-1), F.log_softmax(teacher_logits / T, dim=-1),
                     reduction="batchmean", log_target=True) * (T * T)
+    # the mean over labelled rows as a masked sum over a count clamped to 1 (0 with none): a boolean index or an
+    # `if labelled.any()` would wait for the GPU every step
     labelled = labels != UNLABELLED
-    hard = F.cross_entropy(student_logits[labelled], labels[labelled]) if labelled.any() else soft.new_zeros(())
+    ce = F.cross_entropy(student_logits, labels.clamp(min=0), reduction="none")  # (B,)
+    hard = (ce * labelled).sum() / labelled.sum().clamp(min=1)
     return alpha * soft + (1 - alpha) * hard
 
 
@@ -115,7 +121,7 @@ def data_fingerprint(ds: Dataset) -> str:
 def cache_key(teacher_key: str, ds: Dataset, device: torch.device, precision: Precision) -> str:
     """The cache entry of one dataset's teacher logits: logits computed on other devices or in other
     precisions differ, so they never share one."""
-    parts = (teacher_key, data_fingerprint(ds), device.type, precision.name)
+    parts = (teacher_key, data_fingerprint(ds), device.type, precision.name, CACHE_VERSION)
     return hashlib.sha256(":".join(parts).encode()).hexdigest()[:24]
 
 

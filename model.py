@@ -178,8 +178,9 @@ class GPT(nn.Module):
         x = self._embed(idx)
         for block in self.transformer.h[:-1]:
             x = block(x)
-        x = self.transformer.h[-1](x, query_idx=lengths - 1)  # (B, 1, C)
-        return self.score(self.transformer.ln_f(x[:, 0]))  # (B, n_classes)
+        x = self.transformer.h[-1](x, query_idx=lengths.to(idx.device, non_blocking=True) - 1)  # (B, 1, C)
+        with torch.autocast(idx.device.type, enabled=False):  # the head in fp32: the logits are fp32, not bf16-rounded
+            return self.score(self.transformer.ln_f(x[:, 0].float()))  # (B, n_classes)
 
     @torch.no_grad()
     def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
@@ -384,15 +385,23 @@ class DistilRNN(nn.Module):
         self.head = nn.Linear(hidden_size * (2 if bidirectional else 1), n_classes)
 
     def classify(self, idx: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        """idx (B, T) right-padded, lengths (B,) -> logits (B, n_classes)."""
-        x = self.drop(self.wte(idx))  # (B, T, E)
-        _, h = self.rnn(pack_padded_sequence(x, lengths.cpu(), batch_first=True, enforce_sorted=False))
-        if isinstance(h, tuple):  # LSTM returns (h_n, c_n)
-            h = h[0]
-        # h: (num_layers * directions, B, H), in the batch's original order; keep the top layer.
-        h = h.view(self.rnn.num_layers, -1, h.size(1), h.size(2))[-1]  # (directions, B, H)
-        h = torch.cat(list(h), dim=-1)  # (B, directions * H): forward final state, backward state at step 0
-        return self.head(self.drop(h))
+        """idx (B, T) right-padded, lengths (B,), best on the host (data.Batch.to keeps them there) -> logits
+        (B, n_classes).
+
+        The whole student runs in fp32 with autocast off, whatever the run's precision: under CUDA autocast a
+        packed RNN/GRU/LSTM goes to cuDNN's _cudnn_rnn, whose autocast wrapper (ATen's AutocastRNN.cpp,
+        _cudnn_rnn_cast_reflatten) casts to fp16 whatever the autocast dtype, so a bf16 run would train the
+        recurrent layer in fp16 with no loss scaling, and small gradients into it and the embedding would
+        underflow. The student is small (bench/bench_student.py --autocast measures what fp32 costs on CPU)."""
+        with torch.autocast(idx.device.type, enabled=False):
+            x = self.drop(self.wte(idx))  # (B, T, E) fp32
+            _, h = self.rnn(pack_padded_sequence(x, lengths.cpu(), batch_first=True, enforce_sorted=False))
+            if isinstance(h, tuple):  # LSTM returns (h_n, c_n)
+                h = h[0]
+            # h: (num_layers * directions, B, H), in the batch's original order; keep the top layer.
+            h = h.view(self.rnn.num_layers, -1, h.size(1), h.size(2))[-1]  # (directions, B, H)
+            h = torch.cat(list(h), dim=-1)  # (B, directions * H): forward final state, backward state at step 0
+            return self.head(self.drop(h))
 
     forward = classify
 

@@ -9,6 +9,8 @@ torch.optim.AdamW's own update, bit for bit.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 
@@ -44,9 +46,10 @@ class AdamW(torch.optim.AdamW):
 
     @torch.no_grad()
     def _lazy_step(self, sparse: dict[torch.Tensor, torch.Tensor]) -> None:
+        """No float64 tensor (MPS has none) and no host sync of its own: a GradScaler's inf/nan flag makes the
+        step a no-op on the device (as fused AdamW does), instead of being read on the host. Sparse coalesce()
+        still reads its row count on the host (one sync on CUDA, as it was)."""
         grad_scale, found_inf = getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
-        if found_inf is not None and bool(found_inf):  # GradScaler: skip the step (one host sync, with a scaler only)
-            return
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
             for p in group["params"]:
@@ -64,15 +67,18 @@ class AdamW(torch.optim.AdamW):
                     state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
                     state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                     state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                state["step"] += 1
-                step = state["step"].double()
-                m = state["exp_avg"].index_select(0, rows).lerp_(values, 1 - beta1)  # (n, D)
-                v = state["exp_avg_sq"].index_select(0, rows).mul_(beta2).addcmul_(values, values, value=1 - beta2)
+                skip = None if found_inf is None else found_inf.to(p.device, torch.bool)  # 0-dim: skip this step
+                state["step"] += 1 if skip is None else (~skip).to(state["step"].dtype)
+                m0, v0 = state["exp_avg"].index_select(0, rows), state["exp_avg_sq"].index_select(0, rows)  # (n, D)
+                m = m0.lerp(values, 1 - beta1)
+                v = v0.mul(beta2).addcmul_(values, values, value=1 - beta2)
+                bias1, bias2 = bias_correction(beta1, state["step"]), bias_correction(beta2, state["step"])
+                update = m / (v.sqrt() / bias2.sqrt()).add_(group["eps"]) * (-group["lr"] / bias1)  # (n, D)
+                if skip is not None:  # the moments and the row stay as they were (step 0 gives 0/0: discarded)
+                    m, v, update = m.where(~skip, m0), v.where(~skip, v0), update.where(~skip, 0.0)
                 state["exp_avg"].index_copy_(0, rows, m)
                 state["exp_avg_sq"].index_copy_(0, rows, v)
-                bias1, bias2 = 1 - beta1 ** step, 1 - beta2 ** step
-                denom = (v.sqrt() / bias2.sqrt()).add_(group["eps"])
-                p.index_add_(0, rows, m.div_(denom).mul_(-group["lr"] / bias1))
+                p.index_add_(0, rows, update)
 
     def state_dict(self) -> dict:
         sd = super().state_dict()
@@ -111,8 +117,16 @@ def clip_grad_norm_(params: list[torch.Tensor], max_norm: float) -> torch.Tensor
     for p in sparse:
         p.grad = p.grad.coalesce()
     tensors = [p.grad.values() if p.grad.is_sparse else p.grad for p in params if p.grad is not None]
-    total = torch.nn.utils.get_total_norm(tensors)
+    total = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(t) for t in tensors]))  # the 2-norm
     coef = (max_norm / (total + 1e-6)).clamp(max=1.0)  # torch's formula
     for t in tensors:
         t.mul_(coef.to(t.device))
     return total
+
+
+def bias_correction(beta: float, step: torch.Tensor) -> torch.Tensor:
+    """Adam's 1 - beta^step, in step's dtype (float32: MPS has no float64), as -expm1(step * log(beta)): log(beta)
+    is taken in float64 on the host, and expm1 keeps its relative accuracy where 1 - beta^step is small (beta2 =
+    0.999 at step 1 gives 0.001); float32's pow, then 1 - x, would lose 4-5 digits there. Within 1e-6 (relative)
+    of the float64 formula for steps 1 to 2^24 (tests/test_optim.py)."""
+    return torch.expm1(step * math.log(beta)).neg_()

@@ -39,8 +39,9 @@ class RunningMetrics:
     LOSS, ROWS, CORRECT, LABELLED, STEPS, BAD_STEP, BAD_LOSS, SKIPPED = range(8)
 
     def __init__(self, device: torch.device):
-        # float64 counts are exact (MPS has no float64: float32 counts stay exact below 2^24 rows)
-        self.sums = torch.zeros(8, dtype=torch.float32 if device.type == "mps" else torch.float64, device=device)
+        # float32 on every device (MPS has no float64, and a training step creates none): counts stay exact below
+        # 2^24 rows, and a loss summed over an epoch's few hundred steps keeps ~6 digits
+        self.sums = torch.zeros(8, dtype=torch.float32, device=device)
 
     def reset(self) -> None:
         self.sums.zero_()
@@ -297,13 +298,19 @@ class FixedShapeStep:
         self._restore(saved)
 
     def _snapshot(self) -> tuple:
+        """What the warm-up and capture steps move: weights, optimizer state, metrics, and the random generators
+        their dropout draws from (else a graphed run, and its resume, would drift from each other)."""
         state = {p: {k: v.clone() for k, v in self.optimizer.state[p].items()} for p in self.params
                  if p in self.optimizer.state}
-        return [p.detach().clone() for p in self.params], state, self.metrics.sums.clone()
+        rng = (torch.get_rng_state(), torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None)
+        return [p.detach().clone() for p in self.params], state, self.metrics.sums.clone(), rng
 
     @torch.no_grad()
     def _restore(self, saved: tuple) -> None:
-        params, state, sums = saved
+        params, state, sums, (cpu_rng, cuda_rng) = saved
+        torch.set_rng_state(cpu_rng)
+        if cuda_rng is not None:  # a graph reads the generator's seed and offset at each replay, not at capture
+            torch.cuda.set_rng_state(cuda_rng, self.device)
         for p, v in zip(self.params, params):
             p.copy_(v)
         for p in self.params:  # AdamW state the warm-up created starts from zero, as a fresh state does

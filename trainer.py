@@ -165,11 +165,15 @@ def fit(model: nn.Module, train_ds: Dataset, val_ds: Dataset, loss_fn: LossFn, a
         torch.set_rng_state(tensors["rng.cpu"])
         if device.type == "cuda":
             torch.cuda.set_rng_state(tensors["rng.cuda"], device)
+        if device.type == "mps" and "rng.mps" in tensors:  # a checkpoint written before it was saved lacks it
+            torch.mps.set_rng_state(tensors["rng.mps"])
         metrics = state["metrics"]
         print(f"resumed from {ckpt_path} after epoch {len(metrics['epochs'])}")
 
     running = RunningMetrics(device)
     if cuda_graphs and device.type == "cuda" and not precision.loss_scaling:
+        if args.compile:
+            print("--compile is ignored with --cuda_graphs: the step is captured as CUDA graphs, not compiled")
         train_step = FixedShapeStep(model, loss_fn, optimizer, args.grad_clip, args.batch_size, running, device,
                                     precision, graphs=True)
     else:
@@ -228,6 +232,8 @@ def fit(model: nn.Module, train_ds: Dataset, val_ds: Dataset, loss_fn: LossFn, a
             tensors["rng.cpu"] = torch.get_rng_state()
             if device.type == "cuda":
                 tensors["rng.cuda"] = torch.cuda.get_rng_state(device)
+            if device.type == "mps":
+                tensors["rng.mps"] = torch.mps.get_rng_state()
             save_checkpoint(ckpt_path, tensors, {"config": config, "optimizer": opt_meta,
                                                  "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
                                                  "metrics": metrics})
