@@ -1,27 +1,82 @@
 #!/usr/bin/env bash
-# The device check (issue 14): one call of at most 6 minutes on one CUDA GPU, on a bare machine with no ../shared
-# and no network, each measurement beside its baseline in the same run. docs/gpu.md says what it measures.
+# The device check (issues 14, 21): one call on one CUDA GPU, on a bare machine with no ../shared and no network,
+# each measurement beside its baseline in the same run. docs/gpu.md says what it measures.
 #
+#   bash bench/gpu_check.sh --plan      the steps and their time limits, and whether they fit the budget: runs
+#                                       nothing, needs no GPU and no data
 #   bash bench/gpu_check.sh --prepare   here, where ../shared (or the network) is: CoLA's raw TSVs and tiktoken's
 #                                       GPT-2 BPE files into .devcarry/ (git-ignored, about 2 MB); prints the carry
-#   bash bench/gpu_check.sh             on the device, from the repository root (device tool: carry [".devcarry"],
-#                                       timeout_s 420); its log, summary and metrics go to $OUT (else its temp dir)
-#   bash bench/gpu_check.sh --dry-run   the same steps on the CPU with tiny shapes, in a few minutes: the plumbing
+#   bash bench/gpu_check.sh             on the GPU machine, from the repository root, with .devcarry/ copied along
+#                                       (the call's own timeout: 420 s); its log, summary and metrics go to $OUT
+#                                       (else its temp dir)
+#   bash bench/gpu_check.sh --dry-run   the same steps on the CPU with tiny shapes: the plumbing
 #
-# Steps run in order of importance, each under its own timeout, and none starts once the run's budget
-# (GPU_CHECK_BUDGET seconds: 330 on the device, 1200 for --dry-run, whose limits are tripled) leaves it under a
-# third of its limit: a step that does not fit is listed as skipped, not run in part. Every run works in a fresh
-# temp dir, so a rerun on the same machine starts at once; only the random checkpoint is kept and reused
-# ($BENCH_CACHE). Exit status 0 when every step that ran finished, 1 otherwise, 2 when it cannot start.
+# Steps run in order of value (PLAN below), each under its own time limit. A step starts only when its whole limit
+# fits in what is left of the budget (GPU_CHECK_BUDGET seconds: 330 on the device, 1200 for --dry-run, whose
+# limits are tripled); otherwise it is listed as skipped. So nothing is cut short by the budget: a step that
+# runs out of time ran out of its own limit, and is marked "timed out". The limits sum to at most the budget, so
+# steps that keep to their limits all run. Every run works in a fresh temp dir, so a rerun on the same machine
+# starts at once; only the random checkpoint is kept and reused ($BENCH_CACHE). Exit status 0 when every step
+# that ran finished, 1 otherwise, 2 when it cannot start. PYTHON names the interpreter (tests/test_gpu_check.py
+# drives the script with a stub that only sleeps, and GPU_CHECK_TIME_SCALE, the limits in percent, to run fast).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 MODE=${1:-device}
 CARRY=.devcarry
 PY=${PYTHON:-python3}
 case $MODE in
-  device|--dry-run|--prepare) ;;
-  *) echo "usage: bash bench/gpu_check.sh [--prepare | --dry-run]" >&2; exit 2;;
+  device|--dry-run|--prepare|--plan) ;;
+  *) echo "usage: bash bench/gpu_check.sh [--plan | --prepare | --dry-run]" >&2; exit 2;;
 esac
+
+# The steps in order of value, each with its time limit in seconds on the device (process startup included).
+# The epoch limits come from an estimate of about 21.5 s an epoch for the full default run on an H100 (issue 9's
+# 215 s for ten), plus startup and the dev evaluation: unmeasured until a device run records them.
+PLAN=(
+  "correctness 55 fp32 logits and LoRA gradients vs transformers + PEFT; bf16, fp16 gradients vs fp32; one batch fitted"
+  "test_cuda 70 tests/test_cuda.py"
+  "bench_lora 55 bench/bench_lora.py: ours eager, ours --cuda_graphs, transformers + PEFT (batch 32, MFU, peak memory)"
+  "epoch_bf16 40 train_lora.py, one epoch of the full training set, bf16, eager"
+  "epoch_fp16 40 train_lora.py, one epoch, fp16 (loss scaling), eager"
+  "epoch_graphs 40 train_lora.py, one epoch, bf16, --cuda_graphs"
+  "distil 30 train_distil.py --mode distil, 2 epochs, from the epoch_bf16 run"
+)
+if [ "$MODE" = --dry-run ]; then
+  BUDGET=${GPU_CHECK_BUDGET:-1200} SCALE=${GPU_CHECK_TIME_SCALE:-300}  # limits x3: a shared 2-core CPU is slow
+else
+  BUDGET=${GPU_CHECK_BUDGET:-330} SCALE=${GPU_CHECK_TIME_SCALE:-100}
+fi
+
+limit_ms() {  # limit_ms NAME: the step's limit in milliseconds, scaled
+  local step name limit rest
+  for step in "${PLAN[@]}"; do
+    read -r name limit rest <<<"$step"
+    [ "$name" = "$1" ] && { echo $((limit * 10 * SCALE)); return; }
+  done
+  echo "bench/gpu_check.sh: no step $1 in PLAN" >&2; exit 2
+}
+
+seconds() {  # seconds MS: "12", "0.8", "12.345"
+  awk -v ms="$1" 'BEGIN { printf "%g", ms / 1000 }'
+}
+
+now_ms() {
+  echo $(($(date +%s%N) / 1000000))
+}
+
+if [ "$MODE" = --plan ]; then
+  total=0
+  printf '%-3s %-14s %9s  %s\n' "" step "limit s" "what"
+  i=0
+  for step in "${PLAN[@]}"; do
+    read -r name limit what <<<"$step"
+    i=$((i + 1)); total=$((total + limit * 10 * SCALE))
+    printf '%-3s %-14s %9s  %s\n' "$i." "$name" "$(seconds $((limit * 10 * SCALE)))" "$what"
+  done
+  echo "plan: ${#PLAN[@]} steps, limits sum to $(seconds $total) s of a $BUDGET s budget"
+  [ "$total" -le $((BUDGET * 1000)) ]
+  exit
+fi
 
 if [ "$MODE" = --prepare ]; then
   mkdir -p $CARRY/cola/cola_public/raw $CARRY/tiktoken
@@ -54,37 +109,39 @@ LOGS=${OUT:-$WORK}
 mkdir -p "$LOGS"
 
 if [ "$MODE" = --dry-run ]; then
-  BUDGET=${GPU_CHECK_BUDGET:-1200} SHAPE=tiny SLOW=3  # step limits x3: a shared 2-core CPU is slow to start
-  SMALL=(--device cpu --max_train_samples 96 --max_eval_samples 64 --epochs 1)
-  EPOCHS2=(--epochs 1)
+  SHAPE=tiny
+  SMALL=(--device cpu --max_train_samples 96 --max_eval_samples 64)
+  CORRECT=(--device cpu --variant-shape tiny)
   BENCH=(--device cpu --variant-shape tiny --steps 3 --round 1 --warmup 1 --eval-batches 1 --eval-rounds 1 --no-memory)
 else
-  BUDGET=${GPU_CHECK_BUDGET:-330} SHAPE=gpt2-medium SLOW=1
-  SMALL=()  # the full default runs
-  EPOCHS2=(--epochs 2)
-  BENCH=(--device cuda --variant-shape gpt2-medium --cuda-graphs --steps 30 --eval-rounds 2 --no-memory)
+  SHAPE=gpt2-medium
+  SMALL=()  # the full training set
+  CORRECT=(--device cuda --variant-shape gpt2-medium)
+  BENCH=(--device cuda --variant-shape gpt2-medium --cuda-graphs --steps 30 --eval-rounds 2)
 fi
-START=$(date +%s)
 SUMMARY=$WORK/summary.tsv
 FAILED=0
 
-run() {  # run NAME LIMIT CMD...: CMD under min(LIMIT, what the budget leaves); its wall seconds (startup included)
-         # and exit status go into the summary, its output into the log and $WORK/NAME.log
-  local name=$1 cap=$(($2 * SLOW)); shift 2
-  local left=$((BUDGET - ($(date +%s) - START)))
-  local limit=$((cap < left ? cap : left))
-  echo; echo "=== $name ($(date +%T), limit ${limit}s, $((left))s of the budget left)"
-  if [ $((limit * 3)) -lt "$cap" ]; then
-    echo "skipped: the budget leaves it ${limit}s"
+run() {  # run NAME CMD...: CMD under NAME's limit, if that whole limit fits in what the budget leaves, else
+         # skipped; its wall seconds (startup included) and exit status go into the summary, its output into the
+         # log and $WORK/NAME.log
+  local name=$1; shift
+  local cap left
+  cap=$(limit_ms "$name") || exit 2
+  left=$((BUDGET * 1000 - ($(now_ms) - START_MS)))
+  echo; echo "=== $name ($(date +%T), limit $(seconds "$cap")s, $(seconds $((left > 0 ? left : 0)))s of the budget left)"
+  if [ "$cap" -gt "$left" ]; then
+    echo "skipped: its limit does not fit in what the budget leaves"
     printf '%s\t-\tskipped (budget)\n' "$name" >>"$SUMMARY"
     return 1
   fi
   local t0 rc secs status
-  t0=$(date +%s.%N)
-  timeout --kill-after=10 "$limit" "$@" 2>&1 | tee "$WORK/$name.log"
+  t0=$(now_ms)
+  timeout --kill-after=2 "$(seconds "$cap")" "$@" 2>&1 | tee "$WORK/$name.log"
   rc=${PIPESTATUS[0]}
-  secs=$(awk -v a="$t0" -v b="$(date +%s.%N)" 'BEGIN { printf "%.1f", b - a }')
-  case $rc in 0) status=ok;; 124|137) status="timed out at ${limit}s"; FAILED=1;; *) status="exit $rc"; FAILED=1;; esac
+  secs=$(seconds $(($(now_ms) - t0)))
+  case $rc in 0) status=ok;; 124|137) status="timed out at its own limit, $(seconds "$cap")s"; FAILED=1;;
+    *) status="exit $rc"; FAILED=1;; esac
   printf '%s\t%s\t%s\n' "$name" "$secs" "$status" >>"$SUMMARY"
   return "$rc"
 }
@@ -108,7 +165,8 @@ secs = [float(s) for s in re.findall(r"epoch \d+: .*\| ([\d.]+)s$", open(sys.arg
 cfg, best = m["config"], m["best"]
 print(f"{sys.argv[3]}: {len(m['epochs'])} epochs, {sum(secs):.1f}s in them ({sum(secs) / max(len(secs), 1):.2f}s "
       f"each, dev eval included), best dev MCC {best['val_mcc']:.3f} at epoch {m['best_epoch']} (majority baseline "
-      f"acc {m['majority_baseline']['val_acc']:.3f}), precision {cfg.get('precision', 'not recorded')}")
+      f"acc {m['majority_baseline']['val_acc']:.3f}), precision {cfg.get('precision', 'not recorded')}"
+      + (f"; 10 epochs estimated at {10 * secs[0]:.0f}s (10 x this epoch)" if len(secs) == 1 else ""))
 EOF
 }
 
@@ -125,45 +183,44 @@ main() {  # the steps; their output goes to the terminal and $LOGS/gpu_check.log
     echo "no CUDA device: use --dry-run on a CPU machine"; exit 2
   fi
 
+  START_MS=$(now_ms)  # the budget counts from here: the steps, and the notes between them
   CKPT=$BENCH_CACHE/$SHAPE-seed0
-  run checkpoint 120 $PY -c "import sys; sys.path.insert(0, 'bench'); from common import checkpoint; print(
-    checkpoint('$SHAPE', '$BENCH_CACHE'))"
+  run correctness $PY bench/gpu_correctness.py "${CORRECT[@]}" --data-dir "$DATA" --cache-dir "$BENCH_CACHE"
+  grep -E '^(PASS|FAIL)' "$WORK/correctness.log" >>"$WORK/notes.txt"
 
-  LORA=(--gpt_variant "$CKPT" --data_dir "$DATA" --plots_dir "$WORK/plots" "${SMALL[@]}")
-  run lora_graphs 90 $PY train_lora.py "${LORA[@]}" --out_dir "$WORK/lora_graphs" --cuda_graphs \
-    && run_note lora_graphs "$WORK/lora_graphs"
-  run lora_eager 150 $PY train_lora.py "${LORA[@]}" --out_dir "$WORK/lora_eager" \
-    && run_note lora_eager "$WORK/lora_eager"
-  compare "train_lora.py full default run" lora_eager lora_graphs
-
-  run test_cuda 150 $PY -m pytest -q -p no:cacheprovider tests/test_cuda.py
+  run test_cuda $PY -m pytest -q -p no:cacheprovider tests/test_cuda.py
   note "test_cuda: $(grep -E '(passed|failed|skipped|error)' "$WORK/test_cuda.log" | tail -1)"
 
-  run bench_lora 100 $PY bench/bench_lora.py "${BENCH[@]}" --data-dir "$DATA" --cache-dir "$BENCH_CACHE"
-  grep -E '^\| +\| ours|^\| (training|MFU|eval)' "$WORK/bench_lora.log" >>"$WORK/notes.txt"
+  run bench_lora $PY bench/bench_lora.py "${BENCH[@]}" --data-dir "$DATA" --cache-dir "$BENCH_CACHE"
+  grep -E '^\| +\| ours|^\| (training|MFU|eval|peak)' "$WORK/bench_lora.log" >>"$WORK/notes.txt"
 
-  for p in bf16 fp16; do  # eager: --cuda_graphs has no loss scaling
-    run "lora_$p" 60 $PY train_lora.py "${LORA[@]}" "${EPOCHS2[@]}" --precision $p --out_dir "$WORK/lora_$p" \
-      && run_note "lora_$p" "$WORK/lora_$p"
-  done
-  compare "bf16 against fp16, eager, ${EPOCHS2[*]}" lora_fp16 lora_bf16
+  LORA=(--gpt_variant "$CKPT" --data_dir "$DATA" --plots_dir "$WORK/plots" "${SMALL[@]}" --epochs 1)
+  run epoch_bf16 $PY train_lora.py "${LORA[@]}" --precision bf16 --out_dir "$WORK/epoch_bf16" \
+    && run_note epoch_bf16 "$WORK/epoch_bf16"
+  run epoch_fp16 $PY train_lora.py "${LORA[@]}" --precision fp16 --out_dir "$WORK/epoch_fp16" \
+    && run_note epoch_fp16 "$WORK/epoch_fp16"
+  run epoch_graphs $PY train_lora.py "${LORA[@]}" --precision bf16 --cuda_graphs --out_dir "$WORK/epoch_graphs" \
+    && run_note epoch_graphs "$WORK/epoch_graphs"
+  compare "one epoch, bf16 eager against fp16 eager" epoch_fp16 epoch_bf16
+  compare "one epoch, bf16 eager against bf16 --cuda_graphs" epoch_bf16 epoch_graphs
 
-  TEACHER=$WORK/lora_graphs; [ -f "$TEACHER/metrics.json" ] || TEACHER=$WORK/lora_eager
+  TEACHER=$WORK/epoch_bf16; [ -f "$TEACHER/metrics.json" ] || TEACHER=$WORK/epoch_graphs
   if [ -f "$TEACHER/metrics.json" ]; then
-    run distil 90 $PY train_distil.py --mode distil --teacher "$TEACHER" --data_dir "$DATA" "${SMALL[@]}" \
+    run distil $PY train_distil.py --mode distil --teacher "$TEACHER" --data_dir "$DATA" "${SMALL[@]}" --epochs 2 \
       --out_dir "$WORK/distil" --cache_dir "$WORK/cache" --plots_dir "$WORK/plots" && run_note distil "$WORK/distil"
   else
-    printf 'distil\t-\tskipped: no teacher (both train_lora.py runs failed)\n' >>"$SUMMARY"; FAILED=1
+    printf 'distil\t-\tskipped: no teacher (no train_lora.py run finished)\n' >>"$SUMMARY"; FAILED=1
   fi
 
-  echo; echo "=== summary ($(date +%T), $(($(date +%s) - START))s in all; wall seconds include each process's startup)"
+  echo; echo "=== summary ($(date +%T), $(seconds $(($(now_ms) - START_MS)))s of the ${BUDGET}s budget used;" \
+    "wall seconds include each process's startup)"
   {
     printf '%-24s %9s  %s\n' step "wall s" status
     while IFS=$'\t' read -r name secs status; do printf '%-24s %9s  %s\n' "$name" "$secs" "$status"; done <"$SUMMARY"
     echo
     [ -f "$WORK/notes.txt" ] && cat "$WORK/notes.txt"
   } | tee "$LOGS/summary.txt"
-  for r in lora_graphs lora_eager lora_bf16 lora_fp16 distil; do
+  for r in epoch_bf16 epoch_fp16 epoch_graphs distil; do
     [ -f "$WORK/$r/metrics.json" ] && cp "$WORK/$r/metrics.json" "$LOGS/metrics_$r.json"
   done
   return $FAILED
