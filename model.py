@@ -24,6 +24,7 @@ from torch.nn.utils.rnn import pack_padded_sequence
 from cli import ArgumentParser, check_inputs, nonneg_float, pick_device, positive_int, run_cli
 from data import get_encoder
 from errors import OFFLINE_HINT, UserError
+from precision import autocast_off
 
 # Hub names and their shapes (n_layer, n_head, n_embd): the checkpoints GPT.from_pretrained downloads.
 HUB_VARIANTS = {
@@ -179,7 +180,7 @@ class GPT(nn.Module):
         for block in self.transformer.h[:-1]:
             x = block(x)
         x = self.transformer.h[-1](x, query_idx=lengths.to(idx.device, non_blocking=True) - 1)  # (B, 1, C)
-        with torch.autocast(idx.device.type, enabled=False):  # the head in fp32: the logits are fp32, not bf16-rounded
+        with autocast_off(idx.device.type):  # the head in fp32: the logits are fp32, not bf16-rounded
             return self.score(self.transformer.ln_f(x[:, 0].float()))  # (B, n_classes)
 
     @torch.no_grad()
@@ -392,8 +393,8 @@ class DistilRNN(nn.Module):
         packed RNN/GRU/LSTM goes to cuDNN's _cudnn_rnn, whose autocast wrapper (ATen's AutocastRNN.cpp,
         _cudnn_rnn_cast_reflatten) casts to fp16 whatever the autocast dtype, so a bf16 run would train the
         recurrent layer in fp16 with no loss scaling, and small gradients into it and the embedding would
-        underflow. The student is small (bench/bench_student.py --autocast measures what fp32 costs on CPU)."""
-        with torch.autocast(idx.device.type, enabled=False):
+        underflow. The student is small (bench/bench_student_fp32.py measures what fp32 costs)."""
+        with autocast_off(idx.device.type):
             x = self.drop(self.wte(idx))  # (B, T, E) fp32
             _, h = self.rnn(pack_padded_sequence(x, lengths.cpu(), batch_first=True, enforce_sorted=False))
             if isinstance(h, tuple):  # LSTM returns (h_n, c_n)

@@ -15,6 +15,7 @@ because bf16 can be emulated there (slowly).
 from __future__ import annotations
 
 import sys
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -58,6 +59,16 @@ class Precision:
 
     def describe(self) -> str:
         return {"fp32": "fp32", "bf16": "bf16 mixed", "fp16": "fp16 mixed, loss scaling"}[self.name]
+
+
+def autocast_off(device_type: str) -> torch.autocast | nullcontext:
+    """A context with autocast off on `device_type` (what must run in fp32 whatever the precision: the student, the
+    classification head). torch before 2.5 has no MPS autocast and refuses torch.autocast("mps"), even disabled:
+    where autocast does not exist, there is nothing to turn off."""
+    available = getattr(torch.amp, "is_autocast_available", lambda t: t in ("cpu", "cuda"))  # public from torch 2.4
+    if available(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return nullcontext()
 
 
 def cuda_capability(device: torch.device) -> tuple[int, int]:

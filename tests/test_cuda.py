@@ -6,7 +6,9 @@ them on one. The fallback's bookkeeping also runs on CPU, with a faked capture (
 
 Bugs these tests exist to catch: GPU logits that differ from transformers'; bf16 autocast off, or too far
 from fp32; merge/unmerge or padding invariance that holds on CPU only; a graphed step that drifts from the
-eager one or replays the same dropout mask; a failed capture that is not a clean fallback.
+eager one or replays the same dropout mask; a failed capture that is not a clean fallback, or that leaks its
+memory pool; fp16 gradients not unscaled, or an overflow not skipped; a host sync in a teacher step; the
+student's recurrent layer in fp16 under cuDNN's RNN autocast; LoRA gradients that differ from PEFT's on the GPU.
 """
 
 from __future__ import annotations
@@ -276,3 +278,139 @@ def test_a_later_bucket_failing_to_capture_with_dropout_on_finishes_the_run(gpt2
     assert len(losses) == len(batches) and all(math.isfinite(x) for x in losses), losses
     assert torch.cuda.current_stream() == torch.cuda.default_stream()
     torch.nn.functional.dropout(torch.ones(8, device=CUDA), 0.5)  # the generator is usable
+
+
+# ---------------------------------------------------------------- silent wrong results (issue 21)
+
+FP16 = Precision("fp16", "cuda")
+
+
+def _correctness():
+    """bench/gpu_correctness.py, the device check's first step: its checks are these tests' references."""
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    import gpu_correctness
+    return gpu_correctness
+
+
+def test_fp16_eager_step_gradients_after_unscaling_match_fp32(gpt2_shape, cola):
+    """The gradients the fp16 step hands AdamW (scaled, unscaled, clipped at 1.0) against fp32's: a dropped or
+    doubled unscale makes them wrong by a factor of 2^16, not by rounding."""
+    gc = _correctness()
+    model = _lora_model(gpt2_shape).eval()
+    batch = collate(cola["dev"], list(range(32))).to(CUDA)
+    ref = gc.step_grads(model, batch, CUDA, Precision("fp32", "cuda"))
+    err, worst, worst_err = gc.rel_error(gc.step_grads(model, batch, CUDA, FP16), ref)
+    assert err <= gc.GRAD_TOL["fp16"], (err, worst, worst_err)
+
+
+def test_fp16_step_with_an_overflow_is_skipped_and_counted(gpt2_shape, cola):
+    model = _lora_model(gpt2_shape)
+    optimizer = make_optimizer(model, 4e-4, 0.01)
+    overflow = {"now": False}
+
+    def ce(logits, batch):  # an inf loss on the planted step: every gradient overflows
+        loss = F.cross_entropy(logits, batch.labels)
+        return loss * float("inf") if overflow["now"] else loss
+
+    step = EagerStep(model.classify, ce, optimizer, 1.0, RunningMetrics(CUDA), CUDA, FP16)
+    batch = collate(cola["train"], list(range(32)))
+    step(batch)
+    scale = step.scaler.get_scale()
+    before = [p.detach().clone() for p in step.params]
+    overflow["now"] = True
+    step(batch)
+    assert all(torch.equal(p, q) for p, q in zip(step.params, before))  # the step was skipped
+    assert step.metrics.read()["skipped"] == 1
+    assert step.scaler.get_scale() == scale / 2
+
+
+@pytest.mark.parametrize("precision", ["fp16", "bf16"])
+def test_a_teacher_step_never_waits_for_the_device(gpt2_shape, cola, precision):
+    model = _lora_model(gpt2_shape, dropout=0.1)
+    step = EagerStep(model.classify, _ce, make_optimizer(model, 4e-4, 0.01), 1.0, RunningMetrics(CUDA), CUDA,
+                     Precision(precision, "cuda"))
+    batch = collate(cola["train"], list(range(32)))
+    step(batch)  # creates AdamW's state
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step(batch)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_student_recurrent_layer_runs_in_fp32_on_cuda(cola, precision):
+    """cuDNN's RNN autocast wrapper casts to fp16 whatever the autocast dtype: the student turns autocast off."""
+    from distill import make_kd_loss
+    torch.manual_seed(0)
+    m = DistilRNN(embd_dim=64, hidden_size=32)
+    m.wte.sparse = True
+    m.to(CUDA)
+    seen = []
+    m.rnn.register_forward_hook(lambda mod, args, out: seen.append((args[0].data.dtype, out[0].data.dtype)))
+    loss = make_kd_loss(torch.randn(len(cola["train"]), 2), 2.0, 0.5)
+    step = EagerStep(m.classify, loss, make_optimizer(m, 1e-3, 0.01), 1.0, RunningMetrics(CUDA), CUDA,
+                     Precision(precision, "cuda"))
+    for b in iterate(Dataset("t", *(getattr(cola["train"], k)[:64] for k in ("sentences", "ids", "labels"))), 32,
+                     shuffle=True, seed=0):
+        step(b)
+    assert seen and all(s == (torch.float32, torch.float32) for s in seen), seen
+    assert step.metrics.read()["bad_step"] == 0
+
+
+def test_lora_gradients_match_peft_on_gpu_in_fp32(gpt2_shape, cola):
+    gc = _correctness()
+    from common import build_baseline, build_ours, copy_lora  # bench/common.py: ours and transformers + PEFT
+    ours = build_ours(gpt2_shape)
+    baseline = build_baseline(gpt2_shape, ours)
+    with torch.no_grad():
+        for m in lora_modules(ours).values():
+            m.lora_B.normal_(0, 0.02)  # the adapters contribute, and A gets a gradient
+    copy_lora(ours, baseline)
+    ours.to(CUDA), baseline.to(CUDA)
+    tf32, torch.backends.cuda.matmul.allow_tf32 = torch.backends.cuda.matmul.allow_tf32, False
+    try:
+        assert gc.check_against_peft(ours, baseline, collate(cola["dev"], list(range(32))).to(CUDA))
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+
+
+def test_after_a_failed_capture_memory_is_as_after_an_eager_step_and_a_fresh_capture_succeeds(gpt2_shape, cola):
+    """The failed capture's pool is released: the memory it leaves allocated is what the same step run eagerly
+    leaves (AdamW's state, the static gradients and batch buffer), and a new capture, into a new pool, works."""
+    def syncing_ce(logits, batch):
+        loss = F.cross_entropy(logits, batch.labels)
+        return loss + 0.0 * loss.item()  # illegal while capturing
+
+    batch = collate(cola["dev"], list(range(32)))
+    grown = []
+    for graphs in (False, True):
+        model = _lora_model(gpt2_shape)
+        optimizer = make_optimizer(model, 4e-4, 0.01)
+        step = FixedShapeStep(model, syncing_ce, optimizer, 1.0, 32, RunningMetrics(CUDA), CUDA, BF16, graphs=graphs)
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        step(batch)
+        torch.cuda.synchronize()
+        grown.append(torch.cuda.memory_allocated() - base)
+        assert not step.graphs
+        del model, optimizer, step
+        torch.cuda.empty_cache()
+    assert abs(grown[1] - grown[0]) <= 1 << 20, grown  # the graphed side: a few scalar tensors more at most
+    model = _lora_model(gpt2_shape)
+    step = FixedShapeStep(model, _ce, make_optimizer(model, 4e-4, 0.01), 1.0, 32, RunningMetrics(CUDA), CUDA, BF16,
+                          graphs=True)
+    step(batch)
+    assert len(step.graphs) == 1 and step.cuda_graphs is not None
+
+
+def test_compile_with_cuda_graphs_says_which_is_used(tiny_gpt2, cola_dir, tmp_path):
+    from test_robustness import cli, lora_args, ok
+    out = ok(cli("train_lora.py", *lora_args(tiny_gpt2, cola_dir, tmp_path / "run", rows=32)[:-2], "--device", "cuda",
+                 "--precision", "bf16", "--cuda_graphs", "--compile"))
+    lines = [ln for ln in out.stdout.splitlines() if "--compile" in ln]
+    assert lines == ["--compile is ignored with --cuda_graphs: the step is captured as CUDA graphs, not compiled"]

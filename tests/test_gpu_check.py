@@ -157,4 +157,5 @@ def test_fitting_one_batch_passes_and_a_flipped_gradient_fails(pair, monkeypatch
                 p.grad.neg_()  # gradient ascent
         return original(self)
     monkeypatch.setattr(EagerStep, "_unscale", flipped)
+    monkeypatch.setattr(gc, "FIT_STEPS", 10)  # ascending, the loss only grows
     assert not gc.check_fit(ours, batch, CPU, ("fp32",))
