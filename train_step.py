@@ -1,5 +1,5 @@
 """One optimisation step of trainer.fit (forward, loss, backward, clip, AdamW), two ways, and the running
-training metrics both keep on the device, so that an epoch never waits for the GPU.
+training metrics both keep on the device, so that the loop never waits for the GPU to read them.
 
 - EagerStep: any batch shape, on any device. The default.
 - FixedShapeStep (train_lora.py --cuda_graphs): the same step on fixed shapes: always `batch_size` rows, the
@@ -9,7 +9,8 @@ training metrics both keep on the device, so that an epoch never waits for the G
   side stream (CudaGraphs). On CPU it runs eagerly, which is how its logic is tested. It has no loss scaling, so
   it refuses fp16.
 
-Both compute under the run's precision.Precision; the logits and the loss are fp32 whatever it is.
+Both compute under the run's precision.Precision; the logits (the head runs outside autocast) and the loss are
+fp32 whatever it is.
 """
 
 from __future__ import annotations
@@ -75,8 +76,8 @@ class EagerStep:
 
     fp16 scales the loss (scaler: precision.make_scaler() unless given), unscales the gradients before they
     are clipped, and lets the scaler skip a step whose gradients overflowed and lower its scale. Such a step is
-    counted in the metrics (skipped), not treated as a non-finite loss. With fused AdamW (CPU, CUDA) nothing
-    waits for the device: the optimizer reads the scaler's found-inf flag on the device."""
+    counted in the metrics (skipped), not treated as a non-finite loss. With fused AdamW (CPU, CUDA) the scaler
+    adds no wait for the device: the optimizer (and optim.AdamW's lazy rows) read its found-inf flag there."""
 
     def __init__(self, forward: Callable, loss_fn: LossFn, optimizer: torch.optim.Optimizer, grad_clip: float,
                  metrics: RunningMetrics, device: torch.device, precision: Precision,

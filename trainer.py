@@ -133,8 +133,9 @@ def fit(model: nn.Module, train_ds: Dataset, val_ds: Dataset, loss_fn: LossFn, a
         cuda_graphs: bool = False) -> dict:
     """Train for args.epochs under `precision`, evaluating on val_ds after each epoch.
 
-    No step waits for the device: loss, accuracy, the first non-finite loss and the steps the fp16 loss scaler
-    skipped are summed there and read every SYNC_EVERY steps. cuda_graphs: the fixed-shape step
+    The loop never waits for the device: loss, accuracy, the first non-finite loss and the steps the fp16 loss
+    scaler skipped are summed there and read every SYNC_EVERY steps. (A teacher step has no host sync; a student
+    step has one, its sparse gradient's coalesce(): docs/precision.md.) cuda_graphs: the fixed-shape step
     (train_step.FixedShapeStep), graphed on CUDA (not with fp16, which it cannot scale); its loss must ignore
     label -100. After every epoch: metrics.json, the curves (report.plot_curves), save_best() and the dev
     predictions if dev MCC improved, and a resumable checkpoint (trainable weights, optimizer, scheduler, loss

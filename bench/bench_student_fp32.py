@@ -20,8 +20,8 @@ from contextlib import nullcontext
 import torch
 import torch.nn.functional as F
 
-import model as model_module  # noqa: E402  (common, imported first below, puts the root on sys.path)
-from common import DEFAULT_DATA, machine, setup  # noqa: E402
+from common import DEFAULT_DATA, machine, setup  # puts the repository root on sys.path
+import model as model_module  # noqa: E402
 from data import iterate, load_cola  # noqa: E402
 from model import DistilRNN  # noqa: E402
 from train_step import EagerStep, RunningMetrics  # noqa: E402
