@@ -15,7 +15,7 @@ with its numbers:
 
     python bench/gpu_correctness.py --device cuda --variant-shape gpt2-medium       # bench/gpu_check.sh's step 1
     python bench/gpu_correctness.py --device cpu --variant-shape tiny               # the same on CPU autocast
-                                                                                    # (the fp16 fit: CUDA only)
+                                                                                    # (the fit: fp32 on a CPU)
 
 Exit status 0 when every check passes, 1 otherwise. Tolerances (relative error: the norm of the difference of all
 trainable gradients over the norm of the reference's) are set at several times what CPU autocast gives on the
@@ -159,8 +159,9 @@ def main() -> int:
     ok = check_against_peft(ours, baseline, batch)
     del baseline
     ok &= check_precisions(ours, batch, device)
-    # CPU fp16 autocast runs its matmuls without fp16 hardware: 40 steps take many minutes there
-    ok &= check_fit(ours, batch, device, ("bf16", "fp16") if device.type == "cuda" else ("bf16",))
+    # on a CPU (the --dry-run) the fit runs in fp32, the check's logic: CPU autocast emulates fp16 (minutes) and
+    # is slow in bf16 on a shared 2-core machine
+    ok &= check_fit(ours, batch, device, ("bf16", "fp16") if device.type == "cuda" else ("fp32",))
     print("correctness:", "PASS" if ok else "FAIL")
     return 0 if ok else 1
 
