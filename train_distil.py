@@ -134,7 +134,7 @@ def train(args: argparse.Namespace) -> dict:
     if base is not None:
         student.wte.weight.data.copy_(base.transformer.wte.weight)
     student.wte.weight.requires_grad_(not args.freeze_embeddings)
-    student.wte.sparse = not args.dense_embedding_grad  # a training choice: the saved student is the same either way
+    student.wte.sparse = sparse_embedding_grad(args.dense_embedding_grad, device)  # the saved student is the same
     print(f"student: {parameter_summary(student)}")
     student.to(device)
 
@@ -200,6 +200,14 @@ def compare_runs(args: argparse.Namespace, out_dir: Path, name: str) -> tuple[Pa
     print(f"comparison written to {paths[0]} and {paths[1]}; to compare with other runs (the other student, more "
           f"seeds): python report.py {' '.join(map(str, dirs))} OTHER_RUN_DIRS")
     return paths
+
+
+def sparse_embedding_grad(dense_flag: bool, device: torch.device) -> bool:
+    """The sparse embedding gradient (lazy Adam rows) unless --dense_embedding_grad, or on MPS: torch has no sparse
+    tensors there before 2.9 (NotImplementedError on SparseMPS) and only some of their ops since."""
+    if device.type == "mps" and not dense_flag:
+        print("mps: the embedding trains on its dense gradient (torch's sparse tensors do not run on MPS)")
+    return not dense_flag and device.type != "mps"
 
 
 def main() -> None:

@@ -285,3 +285,14 @@ def test_capture_warmup_leaves_the_random_generator_where_it_was(tiny_gpt2, cola
     step._capture(16, batch)  # warm-up steps and the "capture", then the weights and the generator put back
     assert torch.equal(torch.get_rng_state(), rng)
     assert all(torch.equal(p, q) for p, q in zip(step.params, saved[0]))
+
+
+def test_the_student_embedding_gradient_is_dense_on_mps_and_sparse_elsewhere(capsys):
+    """torch's sparse tensors do not run on MPS (NotImplementedError on SparseMPS before torch 2.9): a Mac trains
+    the embedding on its dense gradient, and says so in one line."""
+    from train_distil import sparse_embedding_grad
+    assert sparse_embedding_grad(False, torch.device("cpu")) and sparse_embedding_grad(False, torch.device("cuda"))
+    assert not sparse_embedding_grad(True, torch.device("cpu"))
+    assert capsys.readouterr().out == ""
+    assert not sparse_embedding_grad(False, torch.device("mps"))
+    assert capsys.readouterr().out.count("\n") == 1
