@@ -111,7 +111,7 @@ mkdir -p "$LOGS"
 if [ "$MODE" = --dry-run ]; then
   SHAPE=tiny
   SMALL=(--device cpu --max_train_samples 96 --max_eval_samples 64)
-  CORRECT=(--device cpu --variant-shape tiny)
+  CORRECT=(--device cpu --variant-shape tiny --fit-steps 0)  # the fit: tests/test_gpu_check.py, on CPU
   BENCH=(--device cpu --variant-shape tiny --steps 3 --round 1 --warmup 1 --eval-batches 1 --eval-rounds 1 --no-memory)
 else
   SHAPE=gpt2-medium
