@@ -89,9 +89,13 @@ def load_student(run_dir: Path) -> DistilRNN:
     except (ValueError, TypeError, OSError) as e:
         raise UserError(f"{config_path} is not a student config ({first_line(e)})") from None
     try:
-        student.load_state_dict(load_file(str(weights_path)))
+        missing, unexpected = student.load_state_dict(load_file(str(weights_path)), strict=False)
     except (SafetensorError, OSError, RuntimeError) as e:
         raise UserError(f"{weights_path} does not hold the student its config describes ({first_line(e)})") from None
+    if missing or unexpected:  # refused: a missing tensor would stay random
+        keys = "; ".join(f"{what}: {', '.join(ks)}" for what, ks in (("missing", missing), ("unexpected", unexpected))
+                         if ks)
+        raise UserError(f"{weights_path} does not hold the student its config describes ({keys})")
     return student
 
 
