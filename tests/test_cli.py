@@ -19,6 +19,7 @@ a finished run silently replaced; empty directories left behind; outputs not nam
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import shutil
@@ -43,6 +44,7 @@ OFFLINE = {"HTTPS_PROXY": "http://127.0.0.1:9", "HTTP_PROXY": "http://127.0.0.1:
 
 # ---------------------------------------------------------------- --help
 
+@functools.cache  # each script's --help is run once, whichever tests read it
 def help_entries(script: str) -> dict[str, str]:
     """{'--flag': its whole help entry on one line} from `script --help`."""
     r = ok(cli(script, "--help"))
