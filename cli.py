@@ -253,6 +253,20 @@ def run_name(out_dir: str | Path) -> str:
     return Path(out_dir).resolve().name
 
 
+# Config key -> the value a run written before that key existed implicitly had. A key added to run_config (a new
+# flag) gets an entry here, so that --resume, report.py's groups and the teacher check read an older run's config
+# as if it had recorded the key: complete_config is the one place that decides it.
+CONFIG_DEFAULTS: dict[str, object] = {
+    "dense_embedding_grad": True,  # before the flag the student's embedding took the dense AdamW update
+}
+
+
+def complete_config(config: dict) -> dict:
+    """A copy of a recorded run config with every key it lacks taken from CONFIG_DEFAULTS: an older run's
+    config compares equal to a new run's of the same recipe."""
+    return {**CONFIG_DEFAULTS, **config}
+
+
 def run_config(args: argparse.Namespace) -> dict:
     """The flags that define a run's results (recorded in metrics.json, compared on --resume)."""
     skip = {"resume", "overwrite", "cuda_graphs", "eval_batch_size", "device", "compile", "out_dir", "plots_dir",

@@ -20,7 +20,7 @@ import torch.nn as nn
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from cli import CHECKPOINT, METRICS, PREDICTIONS
+from cli import CHECKPOINT, METRICS, PREDICTIONS, complete_config
 from data import Batch, Dataset, epoch_seed, iterate, num_batches
 from errors import UserError
 from metrics import describe, evaluate, prior_loss
@@ -70,6 +70,31 @@ def load_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor],
     opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
 
 
+def rng_states(device: torch.device) -> dict[str, torch.Tensor]:
+    """The generators a resumed run must continue: the CPU one (shuffling, and dropout on CPU) and, when training
+    on CUDA or MPS, that device's (dropout there)."""
+    states = {"rng.cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        states["rng.cuda"] = torch.cuda.get_rng_state(device)
+    if device.type == "mps":
+        states["rng.mps"] = torch.mps.get_rng_state()
+    return states
+
+
+def restore_rng_states(tensors: dict[str, torch.Tensor], device: torch.device, ckpt_path: Path) -> None:
+    """Put back what rng_states saved. A checkpoint written off CUDA holds no CUDA state: resuming it on CUDA
+    says that dropout there draws afresh instead of failing."""
+    torch.set_rng_state(tensors["rng.cpu"])
+    if device.type == "mps" and "rng.mps" in tensors:  # a checkpoint written before it was saved lacks it
+        torch.mps.set_rng_state(tensors["rng.mps"])
+    if device.type != "cuda":
+        return
+    if "rng.cuda" in tensors:
+        torch.cuda.set_rng_state(tensors["rng.cuda"], device)
+    else:
+        print(f"note: {ckpt_path} holds no CUDA generator state (written off CUDA): dropout draws afresh")
+
+
 # ---------------------------------------------------------------- the loop
 
 def make_optimizer(model: nn.Module, lr: float, weight_decay: float) -> AdamW:
@@ -98,10 +123,11 @@ def warmup_linear(total_steps: int, warmup_ratio: float) -> Callable[[int], floa
 def resume_mismatch(ckpt_path: Path, state: dict, config: dict) -> str:
     """Why --resume refuses a checkpoint written with another config. --epochs alone gets its own reason: the
     learning rate decays to 0 over the planned epochs, so a run cannot be extended or shortened."""
-    diff = sorted(k for k in set(config) | set(state["config"]) if config.get(k) != state["config"].get(k))
+    saved, config = complete_config(state["config"]), complete_config(config)
+    diff = sorted(k for k in set(config) | set(saved) if config.get(k) != saved.get(k))
     if diff != ["epochs"]:
         return f"--resume: {ckpt_path} was written with a different config ({', '.join(diff)} differ)"
-    done, planned = len(state["metrics"]["epochs"]), state["config"]["epochs"]
+    done, planned = len(state["metrics"]["epochs"]), saved["epochs"]
     what = "a finished run" if done == planned else f"a run planned for {planned} epochs"
     return (f"--resume --epochs {config['epochs']}: {ckpt_path} is {what} ({done} of {planned} epochs done), and "
             f"a run cannot be extended or shortened: its learning rate decays to 0 over the epochs it was started "
@@ -154,7 +180,7 @@ def fit(model: nn.Module, train_ds: Dataset, val_ds: Dataset, loss_fn: LossFn, a
     ckpt_path = out_dir / CHECKPOINT
     if args.resume:
         tensors, state = load_checkpoint(ckpt_path)
-        if state["config"] != config:
+        if complete_config(state["config"]) != complete_config(config):  # a key an older run lacks: its default
             raise UserError(resume_mismatch(ckpt_path, state, config))
         with torch.no_grad():
             for k, p in trainable.items():
@@ -163,12 +189,8 @@ def fit(model: nn.Module, train_ds: Dataset, val_ds: Dataset, loss_fn: LossFn, a
         scheduler.load_state_dict(state["scheduler"])
         if scaler.is_enabled():
             scaler.load_state_dict(state["scaler"])  # its scale and growth tracker, where the run stopped
-        torch.set_rng_state(tensors["rng.cpu"])
-        if device.type == "cuda":
-            torch.cuda.set_rng_state(tensors["rng.cuda"], device)
-        if device.type == "mps" and "rng.mps" in tensors:  # a checkpoint written before it was saved lacks it
-            torch.mps.set_rng_state(tensors["rng.mps"])
-        metrics = state["metrics"]
+        restore_rng_states(tensors, device, ckpt_path)
+        metrics = {**state["metrics"], "config": config}  # the config as this version records it
         print(f"resumed from {ckpt_path} after epoch {len(metrics['epochs'])}")
 
     running = RunningMetrics(device)
@@ -230,11 +252,7 @@ def fit(model: nn.Module, train_ds: Dataset, val_ds: Dataset, loss_fn: LossFn, a
             tensors = {f"model.{k}": p for k, p in trainable.items()}
             opt_tensors, opt_meta = optimizer_tensors(optimizer)
             tensors.update(opt_tensors)
-            tensors["rng.cpu"] = torch.get_rng_state()
-            if device.type == "cuda":
-                tensors["rng.cuda"] = torch.cuda.get_rng_state(device)
-            if device.type == "mps":
-                tensors["rng.mps"] = torch.mps.get_rng_state()
+            tensors.update(rng_states(device))
             save_checkpoint(ckpt_path, tensors, {"config": config, "optimizer": opt_meta,
                                                  "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
                                                  "metrics": metrics})
