@@ -91,7 +91,7 @@ ensure_cola('$CARRY/cola'); get_encoder()" || exit 1
   echo "$CARRY: $(du -sh $CARRY | cut -f1) ($(ls $CARRY/cola/cola_public/raw | wc -l) CoLA files," \
     "$(ls $CARRY/tiktoken | wc -l) tiktoken files)"
   echo 'carry: [".devcarry"]'
-  echo 'device command: bash bench/gpu_check.sh   (timeout_s 420)'
+  echo 'on the GPU machine, with .devcarry/ copied along: bash bench/gpu_check.sh   (allow it about 420 s)'
   exit 0
 fi
 
