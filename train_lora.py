@@ -12,6 +12,7 @@ plots_dir/{name}_{loss,accuracy}.png, where name is out_dir's last part (lora fo
 `<|endoftext|> sentence <|endoftext|>` (labels unused, padding never scored), and keeps the epoch with the lowest
 dev loss. Its adapter (LoRA alone: the head is GPT-2's own LM head) is a generator (inference.load_generator),
 never a classifier teacher; it writes no predictions.json, and its curves are {name}_{loss,perplexity}.png.
+Its dev batches are --batch_size rows (their logits span the vocabulary); --eval_batch_size is not used.
 """
 
 from __future__ import annotations
