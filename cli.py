@@ -27,7 +27,12 @@ METRICS = "metrics.json"
 PREDICTIONS = "predictions.json"
 
 # A config key -> the value a run written before that key existed implicitly had (see complete_config).
-CONFIG_DEFAULTS: dict[str, object] = {"objective": "cls"}
+CONFIG_DEFAULTS: dict[str, object] = {
+    "objective": "cls",
+    # train_distil.py's distillation loss, and its generated transfer set (none: --generate 0)
+    "kd_loss": "kl", "generator": None, "generate": 0, "gen_temperature": 1.0, "gen_top_k": 0, "gen_top_p": 0.9,
+    "gen_max_tokens": 48, "gen_batch_size": 64, "gen_seed": None,
+}
 
 # Directories this process created for a run's outputs: run_cli removes the ones left empty, so a run that fails
 # before writing anything leaves nothing behind.

@@ -53,7 +53,8 @@ def curve_figures(metrics: dict, name: str) -> dict[str, object]:
     heads every panel.
 
     Loss: train and dev cross-entropy against the gold labels beside the class-prior loss. In distil mode the
-    train loss is the KD loss (alpha T^2 KL + (1 - alpha) CE), another quantity: it gets a panel of its own.
+    train loss is the distillation loss the run recorded (metrics["loss_name"]: KL or MSE, with its weights),
+    another quantity: it gets a panel of its own.
     Accuracy: accuracy beside the majority baseline, and MCC on its own axis beside 0. The baseline is drawn
     under the dev curve, so a collapsed run (dev accuracy = baseline) stays visible, its epochs marked in red.
     The kept epoch (best dev MCC) is a vertical line on every panel; no panel spans less than MIN_SPAN.
@@ -68,9 +69,10 @@ def curve_figures(metrics: dict, name: str) -> dict[str, object]:
     loss_fig, axes = plt.subplots(1, 2 if distil else 1, figsize=(11 if distil else 6, 4), squeeze=False)
     if distil:
         kd = axes[0, 0]
-        kd.plot(epochs, [r["train_loss"] for r in hist], marker="o", color="C2", label="train KD loss")
-        kd.set_title(f"{name}: train KD loss (teacher soft targets + labels)")
-        kd.set_ylabel("KD loss: alpha T² KL + (1 - alpha) CE")
+        described = metrics.get("loss_name", "KD loss: alpha T² KL + (1 - alpha) CE")  # older runs: KL, unrecorded
+        kd.plot(epochs, [r["train_loss"] for r in hist], marker="o", color="C2", label="train distillation loss")
+        kd.set_title(f"{name}: train distillation loss (teacher soft targets + labels)")
+        kd.set_ylabel(described)
     ce = axes[0, -1]
     if not distil:
         ce.plot(epochs, [r["train_loss"] for r in hist], marker="o", label="train", zorder=3)

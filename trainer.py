@@ -177,7 +177,7 @@ def ctrl_c_after_saving():
 
 def fit(model: nn.Module, train_ds: Dataset, val_ds: Dataset, loss_fn: LossFn, args: argparse.Namespace,
         config: dict, run_name: str, save_best: Callable[[], None], precision: Precision,
-        cuda_graphs: bool = False, objective: Objective = CLASSIFY) -> dict:
+        cuda_graphs: bool = False, objective: Objective = CLASSIFY, loss_name: str | None = None) -> dict:
     """Train `objective` for args.epochs under `precision`, evaluating on val_ds after each epoch.
 
     No step waits for the device: loss, accuracy, the first non-finite loss and the steps the fp16 loss scaler
@@ -185,7 +185,7 @@ def fit(model: nn.Module, train_ds: Dataset, val_ds: Dataset, loss_fn: LossFn, a
     (train_step.FixedShapeStep), graphed on CUDA (not with fp16, which it cannot scale); its loss must ignore
     label -100 (CLASSIFY only). After every epoch: metrics.json, the curves (report.plot_curves), save_best() and
     the dev predictions if the epoch is the best so far (objective.select), and a resumable checkpoint (trainable weights, optimizer, scheduler, loss
-    scaler, RNG). Returns the metrics dict.
+    scaler, RNG). loss_name: what loss_fn is, recorded in metrics.json for the curves. Returns the metrics dict.
     """
     device = next(model.parameters()).device
     out_dir, plots_dir = Path(args.out_dir), Path(args.plots_dir)
@@ -213,6 +213,8 @@ def fit(model: nn.Module, train_ds: Dataset, val_ds: Dataset, loss_fn: LossFn, a
             torch.cuda.set_rng_state(tensors["rng.cuda"], device)
         metrics = state["metrics"]
         print(f"resumed from {ckpt_path} after epoch {len(metrics['epochs'])}")
+    if loss_name is not None:  # what the training loss is, for the curves' label (report.py); also on a resumed
+        metrics["loss_name"] = loss_name  # run written before it was recorded
 
     running = RunningMetrics(device)
     if cuda_graphs and device.type == "cuda" and not precision.loss_scaling and objective is CLASSIFY:
