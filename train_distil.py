@@ -104,26 +104,26 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def resolve_base(args: argparse.Namespace) -> None:
-    """Fill in --gpt_variant (the teacher's base by default: LoRA never changes wte, so the student starts from
+def resolve_base(args: argparse.Namespace, teacher: str) -> None:
+    """Fill in --gpt_variant (`teacher`'s base by default, the first of an ensemble: LoRA never changes wte, so the student starts from
     the teacher's own embedding) and --embd_dim (the width actually used), so that metrics.json records them.
 
     In rnn mode the teacher is optional: without one in the default --teacher the base is DEFAULT_VARIANT (a
     fresh clone can train the baseline first). A --teacher the user named that holds no run is an error when
     the base would come from it (the user meant that teacher, so no other base is silently taken), and a note
     otherwise (it is only compared with)."""
-    has_teacher = (Path(args.teacher) / ADAPTER_CONFIG).is_file()
-    named = args.teacher != DEFAULT_TEACHER
+    has_teacher = (Path(teacher) / ADAPTER_CONFIG).is_file()
+    named = teacher != DEFAULT_TEACHER
     base_from_teacher = args.gpt_variant is None and args.init_embeddings == "gpt2"
     if named and not has_teacher and base_from_teacher:
-        raise UserError(f"--teacher {args.teacher} holds no train_lora.py run (no {ADAPTER_CONFIG}), and without "
+        raise UserError(f"--teacher {teacher} holds no train_lora.py run (no {ADAPTER_CONFIG}), and without "
                         "--gpt_variant the student's embedding comes from the teacher's base: fix --teacher, or "
                         "pass --gpt_variant (a hub name or a checkpoint directory)")
     if named and not has_teacher:
-        print(f"note: --teacher {args.teacher} holds no train_lora.py run; this rnn run will not be compared "
+        print(f"note: --teacher {teacher} holds no train_lora.py run; this rnn run will not be compared "
               "with a teacher")
     if args.gpt_variant is None:
-        args.gpt_variant = read_adapter_config(args.teacher)["gpt_variant"] if has_teacher else DEFAULT_VARIANT
+        args.gpt_variant = read_adapter_config(teacher)["gpt_variant"] if has_teacher else DEFAULT_VARIANT
     if args.init_embeddings == "none":
         args.embd_dim = args.embd_dim or 768
         if args.mode == "rnn":
@@ -186,7 +186,7 @@ def train(args: argparse.Namespace) -> dict:
     args.out_dir = args.out_dir.format(mode=args.mode)
     teachers = resolve_teachers(args)
     check_generation(args)
-    resolve_base(args)
+    resolve_base(args, teachers[0])
     prepare_outputs(args, weights=(STUDENT_WEIGHTS, STUDENT_CONFIG))
     inputs = {"CoLA": lambda: ensure_cola(args.data_dir), "tiktoken's BPE files": get_encoder}
     if args.gpt_variant is not None:
