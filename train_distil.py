@@ -105,8 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def resolve_base(args: argparse.Namespace, teacher: str) -> None:
-    """Fill in --gpt_variant (`teacher`'s base by default, the first of an ensemble: LoRA never changes wte, so the student starts from
-    the teacher's own embedding) and --embd_dim (the width actually used), so that metrics.json records them.
+    """Fill in --gpt_variant (`teacher`'s base by default, the first of an ensemble: LoRA never changes wte, so
+    the student starts from the teacher's own embedding) and --embd_dim (the width actually used), so that metrics.json records them.
 
     In rnn mode the teacher is optional: without one in the default --teacher the base is DEFAULT_VARIANT (a
     fresh clone can train the baseline first). A --teacher the user named that holds no run is an error when
