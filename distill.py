@@ -29,11 +29,12 @@ from precision import Precision, store_frozen_weights
 UNLABELLED = -1  # label of augmented and generated sentences: they carry only the teacher's soft targets
 KD_LOSSES = ("kl", "mse")
 
-# The config keys that define how a student was distilled (train_distil.py's flags): runs that differ in any of
-# them are different recipes; report.py pairs runs by them.
+# The run settings that make a distilled student what it is, beyond the student itself (train_distil.py's flags,
+# and the generator's files, recorded only when it is used): report.py compares a distilled student with the
+# label-trained student whose settings equal its own outside these.
 DISTILLATION_KEYS = ("mode", "teacher", "temperature", "alpha", "kd_loss", "augment", "generator", "generate",
                      "gen_temperature", "gen_top_k", "gen_top_p", "gen_max_tokens", "gen_batch_size", "gen_seed",
-                     "seed")
+                     "generator_fingerprint", "seed")
 
 
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor, temperature: float,
