@@ -307,21 +307,34 @@ class GPT(nn.Module):
 def next_token(logits: torch.Tensor, temperature: float, top_k: int | None = None, top_p: float | None = None,
                generator: torch.Generator | None = None) -> torch.Tensor:
     """logits (B, vocab) float32 -> the next token of each row (B,): the argmax if temperature == 0, otherwise
-    a draw from softmax(logits / temperature) restricted to the top_k tokens, then to the nucleus top_p (the
-    order of transformers' logits warpers, so the same settings sample from the same distribution)."""
+    a draw from `generator` among the sampling candidates."""
     if temperature == 0:
         return logits.argmax(dim=-1)
+    logits, ids = candidates(logits, temperature, top_k, top_p)
+    choice = torch.multinomial(F.softmax(logits, dim=-1), num_samples=1, generator=generator)  # (B, 1)
+    return (choice if ids is None else ids.gather(1, choice))[:, 0]
+
+
+def candidates(logits: torch.Tensor, temperature: float, top_k: int | None = None,
+               top_p: float | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """What is sampled from: logits (B, vocab) / temperature, cut to the top_k tokens, then to the nucleus top_p
+    (the fewest most likely tokens holding top_p of the probability), in the order of transformers' logits
+    warpers, so the same settings sample from the same distribution. Returns the candidates' logits (B, n), -inf
+    for those cut, and their tokens (B, n), or None when candidate i is token i (no cut at all).
+
+    Only the candidates are sorted: the k of top_k (torch.topk returns them sorted), or, with top_p alone, the
+    whole vocabulary."""
     logits = logits / temperature
-    if top_k is not None:
-        v, _ = torch.topk(logits, min(top_k, logits.size(-1)))  # (B, k)
-        logits[logits < v[:, [-1]]] = -float("inf")
+    ids = None
+    if top_k is not None and top_k < logits.size(-1):
+        logits, ids = torch.topk(logits, top_k)  # (B, k), most likely first
     if top_p is not None and top_p < 1:
-        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)  # (B, vocab)
-        probs = F.softmax(sorted_logits, dim=-1)
-        before = probs.cumsum(dim=-1) - probs  # the probability of the tokens more likely than each
-        sorted_logits[before >= top_p] = -float("inf")  # the nucleus: a token is kept while top_p is not reached
-        logits = logits.scatter(1, order, sorted_logits)
-    return torch.multinomial(F.softmax(logits, dim=-1), num_samples=1, generator=generator)[:, 0]
+        if ids is None:
+            logits, ids = torch.sort(logits, dim=-1, descending=True)  # (B, vocab)
+        probs = F.softmax(logits, dim=-1)
+        before = probs.cumsum(dim=-1) - probs  # the probability of the candidates more likely than each
+        logits = logits.masked_fill(before >= top_p, -float("inf"))  # the nucleus: kept until top_p is reached
+    return logits, ids
 
 
 def variant_id(name_or_path: str) -> str:

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from data import ensure_cola, get_encoder, lm_dataset, load_cola, sample_record
+from data import Batch, ensure_cola, get_encoder, lm_dataset, load_cola, sample_record
 from lora import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, TARGETS, export_peft, inject_lora, load_adapter, parameter_summary,
                   save_adapter)
 from model import DEFAULT_VARIANT, GPT, find_weights
@@ -62,6 +62,11 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def lm_loss(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
+    """The next-token loss of a data.next_token_batch: logits (B, T, vocab), labels (B, T), -1 not scored."""
+    return F.cross_entropy(logits.flatten(0, 1), batch.labels.flatten(), ignore_index=-1)
+
+
 def train(args: argparse.Namespace) -> dict:
     lm = args.objective == "lm"
     if lm and args.cuda_graphs:
@@ -92,7 +97,7 @@ def train(args: argparse.Namespace) -> dict:
     config = {**run_config(args), "data": sample_record(data)}
     if lm:
         data = {split: lm_dataset(ds) for split, ds in data.items()}
-        loss_fn = lambda logits, batch: F.cross_entropy(logits.flatten(0, 1), batch.labels.flatten(), ignore_index=-1)
+        loss_fn = lm_loss
     else:
         loss_fn = lambda logits, batch: F.cross_entropy(logits, batch.labels)
     metrics = fit(model, data["train"], data["dev"], loss_fn, args, config, run_name(args.out_dir),
