@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from errors import UserError
-from cli import METRICS, PREDICTIONS, ArgumentParser, check_writable, run_cli, run_name
+from cli import METRICS, PREDICTIONS, ArgumentParser, check_writable, complete_config, run_cli, run_name
 
 IGNORED_KEYS = ("seed", "cache_dir")  # config keys that do not split a group (out/plots/data dirs are never recorded)
 KINDS = ("lora", "rnn", "distil")
@@ -220,7 +220,7 @@ def load_run(path: str | Path) -> Run:
 
 
 def group_key(run: Run) -> str:
-    config = {k: v for k, v in run.metrics["config"].items() if k not in IGNORED_KEYS}
+    config = {k: v for k, v in complete_config(run.metrics["config"]).items() if k not in IGNORED_KEYS}
     return json.dumps([run.dev_key, config], sort_keys=True)
 
 
@@ -260,7 +260,7 @@ def make_groups(runs: list[Run]) -> list[Group]:
     groups = []
     for kind in sorted({r.kind for r in runs}, key=lambda k: KINDS.index(k) if k in KINDS else len(KINDS)):
         members = [rs for rs in by_key.values() if rs[0].kind == kind]
-        configs = [rs[0].metrics["config"] for rs in members]
+        configs = [complete_config(rs[0].metrics["config"]) for rs in members]
         keys = sorted({k for c in configs for k in c if k not in IGNORED_KEYS and k != "data"
                        and any(c.get(k) != configs[0].get(k) for c in configs)})
         for rs, c in zip(members, configs):
