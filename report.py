@@ -70,8 +70,9 @@ def curve_figures(metrics: dict, name: str) -> dict[str, object]:
     if distil:
         kd = axes[0, 0]
         described = metrics.get("loss_name", "KD loss: alpha T² KL + (1 - alpha) CE")  # older runs: KL, unrecorded
-        kd.plot(epochs, [r["train_loss"] for r in hist], marker="o", color="C2", label="train distillation loss")
-        kd.set_title(f"{name}: train distillation loss (teacher soft targets + labels)")
+        short = described.split(":")[0]  # "KD loss", "MSE distillation loss"
+        kd.plot(epochs, [r["train_loss"] for r in hist], marker="o", color="C2", label=f"train {short}")
+        kd.set_title(f"{name}: train {short} (teacher soft targets + labels)")
         kd.set_ylabel(described)
     ce = axes[0, -1]
     if not distil:

@@ -61,7 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--cache_dir", default="runs/cache", help="where teacher logits and transfer sets are cached")
     g = p.add_argument_group("generated transfer set (Tang, Lu & Lin 2019)")
     g.add_argument("--generator", default=None, metavar="LM_RUN",
-                   help="a train_lora.py --objective lm run to sample --generate sentences from")
+                   help="a train_lora.py --objective lm run to sample --generate sentences from (default: none, "
+                        "no generated transfer set)")
     g.add_argument("--generate", type=nonneg_int, default=0, metavar="N",
                    help="sample N sentences from --generator, filter them (unfinished, empty, repeated and dev "
                         "sentences dropped) and add them to training, labelled only by the teacher")
@@ -76,8 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--gen_batch_size", type=positive_int, default=64,
                    help="sentences sampled at once; it changes the random draws, so it is part of the cache key")
     g.add_argument("--gen_seed", type=int, default=None,
-                   help="seeds the sampling (default: --seed); another --seed with the same --gen_seed reuses "
-                        "the cached transfer set")
+                   help="seeds the sampling; another --seed with the same --gen_seed reuses the cached transfer "
+                        "set (default: --seed)")
     g = p.add_argument_group("student")
     g.add_argument("--cell", choices=tuple(DistilRNN.CELLS), default="gru", help="recurrent cell")
     g.add_argument("--hidden_size", type=positive_int, default=256, help="RNN state width (each direction)")
