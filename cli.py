@@ -26,6 +26,9 @@ CHECKPOINT = "checkpoint.safetensors"
 METRICS = "metrics.json"
 PREDICTIONS = "predictions.json"
 
+# A config key -> the value a run written before that key existed implicitly had (see complete_config).
+CONFIG_DEFAULTS: dict[str, object] = {}
+
 # Directories this process created for a run's outputs: run_cli removes the ones left empty, so a run that fails
 # before writing anything leaves nothing behind.
 _created_dirs: list[Path] = []
@@ -251,6 +254,12 @@ def run_name(out_dir: str | Path) -> str:
     """A run's name: its --out_dir's last part (runs/rnn_2 -> rnn_2). It names the run's curves and their
     titles, in training and in report.py --curves alike, and train_distil.py's comparison file."""
     return Path(out_dir).resolve().name
+
+
+def complete_config(config: dict) -> dict:
+    """A copy of a run's recorded config with every key it lacks filled from CONFIG_DEFAULTS: a run written
+    before a flag existed compares (on --resume, in report.py's groups) as one trained with its default."""
+    return {**CONFIG_DEFAULTS, **config}
 
 
 def run_config(args: argparse.Namespace) -> dict:

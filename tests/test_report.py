@@ -103,62 +103,75 @@ def metrics_of(d: Path) -> dict:
 
 def test_two_seeds_give_the_hand_computed_mean_and_std(runs, tmp_path):
     text, rep = report.compare(small_dirs(runs), tmp_path)
-    assert len(rep) == 1 and rep[0]["size"] == 100
-    rows = {r["kind"]: r for r in rep[0]["rows"]}
-    assert list(rows) == ["lora", "rnn", "distil"]
-    for kind, row in rows.items():
-        best = [metrics_of(runs / f"{kind}_{s}")["best"] for s in SEEDS]
-        assert row["n"] == 2 and row["seeds"] == list(SEEDS)
-        for key in ("acc", "mcc"):
-            values = [b[f"val_{key}"] for b in best]
-            mean, std = sum(values) / 2, abs(values[0] - values[1]) / 2 ** 0.5  # sample std of two numbers
-            assert row[key][0] == pytest.approx(mean, abs=1e-12)
-            assert row[key][1] == pytest.approx(std, abs=1e-12)
-            assert row[key][1] == pytest.approx(statistics.stdev(values), abs=1e-12)
-            assert f"{mean:.4f} ± {std:.4f}" in text
-        ood = [metrics_of(runs / f"{kind}_{s}")["ood_dev"]["mcc"] for s in SEEDS]
-        assert row["ood_mcc"][0] == pytest.approx(sum(ood) / 2)
+    groups = {g["kind"]: g for g in rep["groups"]}
+    assert list(groups) == ["lora", "rnn", "distil"] and {g["dev"]["size"] for g in rep["groups"]} == {100}
+    for kind, g in groups.items():
+        assert [r["seed"] for r in g["runs"]] == list(SEEDS)
+        for split, record in (("dev", lambda m: {"acc": m["best"]["val_acc"], "mcc": m["best"]["val_mcc"]}),
+                              ("ood_dev", lambda m: m["ood_dev"])):
+            own = [record(metrics_of(runs / f"{kind}_{s}")) for s in SEEDS]
+            for key in ("acc", "mcc"):
+                values = [o[key] for o in own]
+                mean, std = sum(values) / 2, abs(values[0] - values[1]) / 2 ** 0.5  # sample std of two numbers
+                assert g[split][key]["mean"] == pytest.approx(mean, abs=1e-12)
+                assert g[split][key]["std"] == pytest.approx(std, abs=1e-12)
+                assert g[split][key]["std"] == pytest.approx(statistics.stdev(values), abs=1e-12)
+                assert f"{mean:.4f} ± {std:.4f}" in text
     assert (tmp_path / "comparison.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_one_seed_shows_no_std(runs, tmp_path):
     text, rep = report.compare([runs / "rnn_1"], tmp_path)
-    row = rep[0]["rows"][0]
-    assert row["n"] == 1 and row["acc"][1] is None
-    assert f"| {row['acc'][0]:.4f} |" in text and "±" not in text.split("## Dev set")[1]
+    (g,) = rep["groups"]
+    assert len(g["runs"]) == 1 and g["dev"]["acc"]["std"] is None
+    tables = text.split("## In-domain dev")[1]
+    assert f"| {g['dev']['acc']['mean']:.4f} |" in tables and "±" not in tables
+    assert "| G1 | rnn | 1 seed |" in tables  # "1 seed", not "n=1" or "one seed"
+
+
+def section(text: str, heading: str) -> str:
+    """The markdown under the first heading that starts with `heading`, up to the next heading."""
+    return text.split(f"\n## {heading}", 1)[1].split("\n## ", 1)[0]
 
 
 def test_runs_on_other_dev_sets_get_their_own_table_and_baseline(runs, tmp_path):
     text, rep = report.compare([*small_dirs(runs), runs / "rnn_full"], tmp_path)
-    assert [t["size"] for t in rep] == [527, 100]
-    assert [r["dirs"] for r in rep[0]["rows"]] == [[str((runs / "rnn_full").resolve())]]
-    assert text.count("## Dev set of") == 2 and "## Dev set of 527 sentences" in text
-    full, small = rep[0]["rows"][0], next(r for r in rep[1]["rows"] if r["kind"] == "rnn")
-    assert full["name"] != small["name"]  # two rnn groups: named by the config that tells them apart
-    for t in rep:
-        for r in t["rows"]:  # each row's baseline is its own runs', on its own dev set
-            own = {metrics_of(Path(d))["majority_baseline"]["val_acc"] for d in r["dirs"]}
-            assert own == {r["baseline"]}
-            line = next(ln for ln in text.splitlines() if ln.startswith(f"| {r['name']} |"))
-            assert f"| {r['baseline']:.4f} |" in line
-    assert full["baseline"] == pytest.approx(365 / 527) and small["baseline"] == pytest.approx(0.69)
+    assert [g["dev"]["size"] for g in rep["groups"]] == [527, 100, 100, 100]
+    assert [r["path"] for r in rep["groups"][0]["runs"]] == [str((runs / "rnn_full").resolve())]
+    assert text.count("## In-domain dev") == 2 and "## In-domain dev, 527 sentences" in text
+    full, small = rep["groups"][0], next(g for g in rep["groups"][1:] if g["kind"] == "rnn")
+    assert full["settings"] != small["settings"]  # two rnn groups: shown by the setting that tells them apart
+    assert full["settings"]["max_eval_samples"] == "None" and small["settings"]["max_eval_samples"] == "100"
+    for g in rep["groups"]:  # each row's baseline is its own runs', on its own dev set
+        own = {metrics_of(Path(r["path"]))["majority_baseline"]["val_acc"] for r in g["runs"]}
+        assert own == {g["dev"]["majority_baseline"]}
+        table = section(text, f"In-domain dev, {g['dev']['size']} sentences")
+        line = next(ln for ln in table.splitlines() if ln.startswith(f"| {g['label']} |"))
+        assert f"| {g['dev']['majority_baseline']:.4f} |" in line
+    assert full["dev"]["majority_baseline"] == pytest.approx(365 / 527)
+    assert small["dev"]["majority_baseline"] == pytest.approx(0.69)
 
 
-def test_distil_vs_rnn_and_students_vs_teacher_are_paired(runs, tmp_path):
+def test_distil_vs_rnn_and_students_vs_their_teacher_are_paired(runs, tmp_path):
+    """The students were distilled from (and compared with) lora_1: their teacher is that run, not the mean of
+    the lora group (lora_1 and lora_2)."""
     _, rep = report.compare(small_dirs(runs), tmp_path)
-    comps = {c["name"]: c for c in rep[0]["comparisons"]}
-    assert set(comps) == {"distil − rnn", "rnn − lora", "distil − lora"}
-    rows = {r["kind"]: r for r in rep[0]["rows"]}
-    for name, c in comps.items():
-        a, b = name.split(" − ")
-        assert c["diff"] == pytest.approx(rows[a]["mcc"][0] - rows[b]["mcc"][0])
-        assert c["ci"][0] <= c["diff"] <= c["ci"][1]
+    label = {g["kind"]: g["label"] for g in rep["groups"]}
+    mean = {g["label"]: g["dev"]["mcc"]["mean"] for g in rep["groups"]}
+    teacher = f"teacher {runs / 'lora_1'} ({label['lora']})"
+    pairs = {(p["a"], p["b"]): p for p in rep["pairs"] if p["split"] == "dev"}
+    assert set(pairs) == {(label["distil"], label["rnn"]), (label["rnn"], teacher), (label["distil"], teacher)}
+    lora_1 = metrics_of(runs / "lora_1")["best"]["val_mcc"]
+    for (a, b), p in pairs.items():
+        assert p["difference"] == pytest.approx(mean[a] - (lora_1 if b == teacher else mean[b]))
+        assert p["ci"][0] <= p["difference"] <= p["ci"][1]
+    assert {(p["a"], p["b"]) for p in rep["pairs"] if p["split"] == "ood_dev"} == set(pairs)
 
 
 def test_train_distil_compares_only_its_own_run_and_teacher(runs):
     """distil_2 was made with lora_2, rnn_1 and rnn_2 beside it: none of them is its teacher or itself."""
     text = (runs / "plots_distil_2" / "comparison_distil_2.md").read_text()
-    assert "| lora | lora | 1 | 1 |" in text and "| distil | distil | 1 | 2 |" in text and "| rnn" not in text
+    assert "| G1 | lora | 1 seed |" in text and "| G2 | distil | 1 seed |" in text and "| rnn" not in text
     assert "lora_1" in text and "distil_2" in text
     for stranger in ("lora_2", "rnn_1", "rnn_2", "distil_1"):
         assert stranger not in text
@@ -168,24 +181,25 @@ def test_train_distil_compares_only_its_own_run_and_teacher(runs):
 
 def test_every_interval_contains_its_point_estimate(runs, tmp_path):
     _, rep = report.compare([*small_dirs(runs), runs / "rnn_full"], tmp_path)
-    for t in rep:
-        for r in t["rows"]:
+    for g in rep["groups"]:
+        for split in ("dev", "ood_dev"):
             for key in ("acc", "mcc"):
-                lo, hi = r[f"{key}_ci"]
-                assert lo <= r[key][0] <= hi, (r["name"], key, r[key], (lo, hi))
-        for c in t["comparisons"]:
-            assert c["ci"][0] <= c["diff"] <= c["ci"][1]
+                lo, hi = g[split][key]["ci"]
+                assert lo <= g[split][key]["mean"] <= hi, (g["label"], split, key, g[split][key])
+    for p in rep["pairs"]:
+        assert p["ci"][0] <= p["difference"] <= p["ci"][1]
 
 
 def test_point_estimate_from_saved_predictions_is_the_metrics_mean(runs):
     """The intervals come from predictions.json, the means from metrics.json: they describe the same runs."""
     groups = report.make_groups([report.load_run(d) for d in small_dirs(runs)])
     for g in groups:
-        labels = np.array(g.dev["labels"]) == 1
-        acc, mcc = report.seed_mean_scores(g.preds(), labels, np.arange(len(labels))[None])
-        best = [r.metrics["best"] for r in g.runs]
-        assert acc[0] == pytest.approx(np.mean([b["val_acc"] for b in best]), abs=1e-6)
-        assert mcc[0] == pytest.approx(np.mean([b["val_mcc"] for b in best]), abs=1e-6)
+        for split in ("dev", "ood_dev"):
+            labels = g.runs[0].labels(split)
+            acc, mcc = report.seed_mean_scores(g.preds(split), labels, np.arange(len(labels))[None])
+            points = [r.point(split) for r in g.runs]
+            assert acc[0] == pytest.approx(np.mean([p["acc"] for p in points]), abs=1e-6)
+            assert mcc[0] == pytest.approx(np.mean([p["mcc"] for p in points]), abs=1e-6)
 
 
 def test_intervals_narrow_as_the_dev_set_grows(cola):
@@ -206,15 +220,17 @@ def test_intervals_narrow_as_the_dev_set_grows(cola):
 def test_the_same_model_has_a_narrower_interval_on_the_full_dev_set(runs, tmp_path):
     """rnn_1 and rnn_full are one model (same seed and training rows) scored on 100 and on 527 sentences."""
     _, rep = report.compare([runs / "rnn_1", runs / "rnn_full"], tmp_path)
-    width = {t["size"]: t["rows"][0]["acc_ci"][1] - t["rows"][0]["acc_ci"][0] for t in rep}
+    width = {g["dev"]["size"]: g["dev"]["acc"]["ci"][1] - g["dev"]["acc"]["ci"][0] for g in rep["groups"]}
     assert width[527] < width[100]
 
 
 def fake_run(kind: str, seed: int, preds: np.ndarray, labels: np.ndarray) -> report.Run:
-    """A finished run of `kind` in memory whose best epoch predicted `preds` on the dev sentences `labels`."""
+    """A finished run of `kind` in memory whose best epoch predicted `preds` on the dev sentences `labels`; a
+    student names lora_1 as its teacher."""
     acc, mcc = report.scores(preds, labels)
     best = {"val_acc": float(acc), "val_mcc": float(mcc), "val_collapsed": False}
-    metrics = {"config": {"mode": kind, "seed": seed}, "best_epoch": 1, "best": best,
+    config = {"mode": kind, "seed": seed, **({"teacher": "lora_1"} if kind != "lora" else {})}
+    metrics = {"config": config, "best_epoch": 1, "best": best,
                "majority_baseline": {"val_acc": max(labels.mean(), 1 - labels.mean())}}
     dev = {"epoch": 1, "rows": list(range(len(labels))), "labels": labels.astype(int).tolist(),
            "p1": np.where(preds, 0.9, 0.1).tolist()}
@@ -241,35 +257,40 @@ def test_comparisons_score_both_groups_on_the_same_resampled_sentences(teacher_a
     gives an interval ~4x wider that contains 0; the paired one excludes it (the student is worse on 20
     sentences, and never better)."""
     labels, teacher, student = teacher_and_student
-    (table,) = report.build_report([fake_run("lora", 1, teacher, labels), fake_run("distil", 1, student, labels)])
-    (c,) = table["comparisons"]
-    assert c["name"] == "distil − lora"
+    rep = report.build_report([fake_run("lora", 1, teacher, labels), fake_run("distil", 1, student, labels)])
+    (c,) = [p for p in rep["pairs"] if p["split"] == "dev"]
+    assert (c["a"], c["b"]) == ("G2", "teacher lora_1 (G1)")
     idx = np.random.default_rng(0).integers(0, len(labels), size=(2000, len(labels)))
     diff = report.scores(student[idx], labels[idx])[1] - report.scores(teacher[idx], labels[idx])[1]
     assert c["ci"] == pytest.approx(tuple(np.percentile(diff, [2.5, 97.5])), abs=1e-12)
-    assert c["ci"][1] < 0  # excludes 0
-    own = [np.subtract(*r["mcc_ci"][::-1]) for r in table["rows"]]
+    assert c["ci"][1] < 0 and c["excludes_zero"] == "below"  # excludes 0
+    own = [np.subtract(*g["dev"]["mcc"]["ci"][::-1]) for g in rep["groups"]]
     assert np.subtract(*c["ci"][::-1]) < 0.6 * min(own)
 
 
-def test_seeds_of_a_group_and_groups_of_a_table_share_the_resamples(runs, tmp_path):
-    """The real runs (two seeds a group): every interval equals the one rebuilt from one shared set of
-    resamples, each seed scored on the same sentences and averaged."""
+def test_groups_share_the_sentence_resamples_and_draw_their_runs_on_their_own(runs, tmp_path):
+    """The real runs (two seeds a group), rebuilt by hand: resample b scores the runs report.run_draws picks for
+    the group on the sentences idx[b], the same idx for every group; a pair subtracts the two groups' resamples.
+    (Until issue 23 every run was scored once a resample: the seed level was missing.)"""
     _, rep = report.compare(small_dirs(runs), tmp_path)
     groups = {g.kind: g for g in report.make_groups([report.load_run(d) for d in small_dirs(runs)])}
-    labels = np.array(groups["lora"].dev["labels"]) == 1
+    labels = groups["lora"].runs[0].labels("dev")
     idx = np.random.default_rng(0).integers(0, len(labels), size=(2000, len(labels)))
     boot = {}
     for kind, g in groups.items():
-        per_seed = [report.scores(p[idx], labels[idx]) for p in g.preds()]
-        boot[kind] = [np.mean([s[k] for s in per_seed], axis=0) for k in (0, 1)]  # acc, mcc
-    rows = {r["kind"]: r for r in rep[0]["rows"]}
-    for kind, (acc, mcc) in boot.items():
-        assert rows[kind]["acc_ci"] == pytest.approx(tuple(np.percentile(acc, [2.5, 97.5])), abs=1e-12)
-        assert rows[kind]["mcc_ci"] == pytest.approx(tuple(np.percentile(mcc, [2.5, 97.5])), abs=1e-12)
-    for c in rep[0]["comparisons"]:
-        a, b = c["name"].split(" − ")
-        assert c["ci"] == pytest.approx(tuple(np.percentile(boot[a][1] - boot[b][1], [2.5, 97.5])), abs=1e-12)
+        draws = report.run_draws(len(g.runs), g.key + "dev")
+        assert draws.shape == (2000, 2) and 0.4 < draws.mean() < 0.6  # both runs drawn, about equally
+        preds = g.preds("dev")
+        per_b = [[report.scores(preds[r][idx[b]], labels[idx[b]]) for r in draws[b]] for b in range(2000)]
+        boot[g.label] = [np.array([np.mean([s[k] for s in runs_b]) for runs_b in per_b]) for k in (0, 1)]
+    for g in rep["groups"]:
+        for k, key in enumerate(("acc", "mcc")):
+            assert g["dev"][key]["ci"] == pytest.approx(tuple(np.percentile(boot[g["label"]][k], [2.5, 97.5])),
+                                                        abs=1e-12)
+    rnn_distil = [p for p in rep["pairs"] if p["split"] == "dev" and not p["b"].startswith("teacher")]
+    assert len(rnn_distil) == 1
+    p = rnn_distil[0]
+    assert p["ci"] == pytest.approx(tuple(np.percentile(boot[p["a"]][1] - boot[p["b"]][1], [2.5, 97.5])), abs=1e-12)
 
 
 def test_the_interval_is_95_percent(teacher_and_student):
@@ -279,8 +300,8 @@ def test_the_interval_is_95_percent(teacher_and_student):
     assert report.interval(np.arange(2001.0)) == (50.0, 1950.0)
     assert report.interval(np.arange(2001.0)[::-1]) == (50.0, 1950.0)
     labels, teacher, _ = teacher_and_student
-    (table,) = report.build_report([fake_run("lora", 1, teacher, labels)])
-    lo, hi = table["rows"][0]["acc_ci"]
+    rep = report.build_report([fake_run("lora", 1, teacher, labels)])
+    lo, hi = rep["groups"][0]["dev"]["acc"]["ci"]
     p, n = (teacher == labels).mean(), len(labels)
     assert (hi - lo) / (2 * 1.96 * (p * (1 - p) / n) ** 0.5) == pytest.approx(1.0, abs=0.08)
     assert report.N_BOOT == 2000 and report.resamples(n).shape == (2000, n)
@@ -443,10 +464,12 @@ def test_each_training_run_writes_a_comparison_of_its_own(runs):
 
 
 def test_report_name_sets_the_file_stem(runs, tmp_path):
+    """NAME.json joined NAME.md and NAME.png with issue 23."""
     r = cli(str(runs / "rnn_1"), "--plots_dir", str(tmp_path), "--name", "rnn_only")
     assert r.returncode == 0, r.stderr
-    assert r.stdout.strip().splitlines()[-1] == f"wrote {tmp_path / 'rnn_only.md'} and {tmp_path / 'rnn_only.png'}"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["rnn_only.md", "rnn_only.png"]
+    assert r.stdout.strip().splitlines()[-1] == (f"wrote {tmp_path / 'rnn_only.md'}, {tmp_path / 'rnn_only.png'} and "
+                                                 f"{tmp_path / 'rnn_only.json'}")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["rnn_only.json", "rnn_only.md", "rnn_only.png"]
 
 
 def test_report_skips_folders_that_are_not_runs(runs, tmp_path):
@@ -455,7 +478,8 @@ def test_report_skips_folders_that_are_not_runs(runs, tmp_path):
     r = cli(str(runs / "rnn_1"), str(runs / "cache"), str(runs / "plots"), "--plots_dir", str(tmp_path))
     assert r.returncode == 0, r.stderr
     notes = [ln for ln in r.stdout.splitlines() if ln.startswith("note: skipping")]
-    assert notes == [f"note: skipping {runs / d}: not a run directory (no metrics.json)" for d in ("cache", "plots")]
+    assert notes == [f"note: skipping {runs / d}: not a run directory (no metrics.json) and holds none"
+                     for d in ("cache", "plots")]
     assert "rnn_1" in (tmp_path / "comparison.md").read_text()
     r = cli(str(runs / "cache"), "--plots_dir", str(tmp_path / "none"))  # no run at all: an error
     assert r.returncode == 2 and r.stderr.startswith("error: none of") and len(r.stderr.splitlines()) == 1, r.stderr
