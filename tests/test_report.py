@@ -367,6 +367,346 @@ def test_a_one_class_predictor_is_flagged_collapsed_whichever_class(cola, cls):
     assert stats["acc"] == pytest.approx((365 if cls else 162) / 527)
 
 
+# ---------------------------------------------------------------- hand-made runs: pairs, seeds, OOD, figure, JSON
+
+LORA = {"gpt_variant": "gpt2-medium", "lora_rank": 8, "lora_targets": "c_attn,attn.c_proj,c_fc,mlp.c_proj",
+        "epochs": 10, "lr": 4e-4}
+STUDENT = {"mode": "rnn", "teacher": "runs/lora_a", "temperature": 2.0, "alpha": 0.7, "augment": 0, "cell": "gru",
+           "hidden_size": 64, "init_embeddings": "none", "embd_dim": 16, "gpt_variant": None, "epochs": 10,
+           "lr": 2e-3, "cache_dir": "runs/cache"}
+
+
+def flip(labels: np.ndarray, frac: float, seed: int = 0) -> np.ndarray:
+    """labels with round(frac * n) of them flipped: the first ones of a permutation drawn from `seed`, so a larger
+    frac with the same seed flips a superset (a run wrong on exactly the extra sentences)."""
+    order = np.random.default_rng(seed).permutation(len(labels))[:round(frac * len(labels))]
+    preds = labels.copy()
+    preds[order] = ~preds[order]
+    return preds
+
+
+def p1_of(preds: np.ndarray, seed: int = 0) -> np.ndarray:
+    """P(acceptable) with varied confidence on the side of `preds`."""
+    u = np.random.default_rng(seed).uniform(0.02, 0.98, len(preds))
+    return np.where(preds, 0.5 + 0.5 * u, 0.5 - 0.5 * u)
+
+
+def write_run(path: Path, config: dict, dev: np.ndarray, dev_labels: np.ndarray, ood: np.ndarray,
+              ood_labels: np.ndarray, dev_rows: list[int] | None = None) -> Path:
+    """A finished run as the training scripts leave it for report.py: metrics.json and predictions.json whose best
+    epoch predicted `dev` and `ood` (bool predictions, or P(acceptable) floats)."""
+    path.mkdir(parents=True)
+    record, preds = {}, {}
+    for split, p, labels in (("dev", dev, dev_labels), ("ood_dev", ood, ood_labels)):
+        p1 = p1_of(p) if p.dtype == bool else p
+        acc, mcc = report.scores(p1 > 0.5, labels)
+        record[split] = {"acc": float(acc), "mcc": float(mcc), "collapsed": bool(len(set(p1 > 0.5)) == 1),
+                         "majority_acc": max(labels.mean(), 1 - labels.mean())}
+        rows = dev_rows if split == "dev" and dev_rows else list(range(len(labels)))
+        preds[split] = {"epoch": 1, "rows": rows, "labels": labels.astype(int).tolist(), "p1": p1.tolist()}
+    d = record["dev"]
+    metrics = {"config": config, "best_epoch": 1, "epochs": [],
+               "best": {"val_acc": d["acc"], "val_mcc": d["mcc"], "val_collapsed": d["collapsed"]},
+               "majority_baseline": {"val_acc": d["majority_acc"], "val_loss": 0.62}, "ood_dev": record["ood_dev"]}
+    (path / METRICS).write_text(json.dumps(metrics))
+    (path / PREDICTIONS).write_text(json.dumps(preds))
+    return path
+
+
+@pytest.fixture(scope="module")
+def dev_ood(cola) -> tuple[np.ndarray, np.ndarray]:
+    return np.array(cola["dev"].labels) == 1, np.array(cola["ood_dev"].labels) == 1
+
+
+def by_runs(rep: dict) -> dict[str, frozenset]:
+    """label -> the names of its runs' directories."""
+    return {g["label"]: frozenset(Path(r["path"]).name for r in g["runs"]) for g in rep["groups"]}
+
+
+def pair_set(rep: dict, split: str = "dev") -> set[tuple]:
+    """Each pair as (a's run names, b's run names, is b a teacher)."""
+    names = by_runs(rep)
+    return {(names[p["a"]], frozenset(Path(r).name for r in p["b_runs"]), p["b"].startswith("teacher"))
+            for p in rep["pairs"] if p["split"] == split}
+
+
+def test_exactly_the_right_pairs_among_near_misses(dev_ood, tmp_path):
+    """A student pairs with its own teacher (one run, not that run's group; an ensemble as one model) and, for a
+    distil group, with the rnn group of the same settings outside distillation: a student of another width,
+    another learning rate or another dev set is not paired, and says why."""
+    dev, ood = dev_ood
+    root = tmp_path / "runs"
+    run = lambda name, config, frac, seed: write_run(root / name, config, p1_of(flip(dev, frac, seed), seed), dev,
+                                                     flip(ood, frac, seed), ood)
+    a, b = str(root / "lora_a"), "runs/lora_b"  # as recorded: an absolute path, and one relative to where it ran
+    run("lora_a", {**LORA, "seed": 1}, 0.2, 1)
+    run("lora_a2", {**LORA, "seed": 2}, 0.25, 2)  # lora_a's group, but no student's teacher
+    run("lora_b", {**LORA, "lora_rank": 4, "seed": 1}, 0.3, 3)
+    for s in (1, 2):
+        run(f"rnn64_{s}", {**STUDENT, "teacher": a, "seed": s}, 0.3, 10 + s)
+    run("rnn32_1", {**STUDENT, "teacher": a, "hidden_size": 32, "seed": 1}, 0.3, 13)
+    write_run(root / "rnn64_small", {**STUDENT, "teacher": a, "seed": 1, "max_eval_samples": 100},
+              flip(dev[:100], 0.3), dev[:100], flip(ood, 0.3), ood, dev_rows=list(range(100)))
+    distil = {**STUDENT, "mode": "distil", "gpt_variant": "gpt2-medium", "teacher_fingerprint": "f" * 64}
+    for s in (1, 2):
+        run(f"distil64_{s}", {**distil, "teacher": a, "seed": s}, 0.28, 20 + s)
+    run("distilT4_1", {**distil, "teacher": b, "temperature": 4.0, "kd_loss": "mse", "seed": 1}, 0.28, 23)
+    run("distil128_1", {**distil, "teacher": a, "hidden_size": 128, "seed": 1}, 0.28, 24)
+    run("distil_lr_1", {**distil, "teacher": a, "lr": 1e-3, "seed": 1}, 0.28, 25)
+    run("distil_ens_1", {**distil, "teacher": [a, b], "seed": 1}, 0.28, 26)
+    text, rep = report.compare(sorted(root.iterdir()), tmp_path / "plots")
+
+    f = frozenset
+    rnn64, T = f({"rnn64_1", "rnn64_2"}), True
+    assert pair_set(rep) == {
+        (rnn64, f({"lora_a"}), T), (f({"rnn32_1"}), f({"lora_a"}), T),
+        (f({"distil64_1", "distil64_2"}), rnn64, False), (f({"distil64_1", "distil64_2"}), f({"lora_a"}), T),
+        (f({"distilT4_1"}), rnn64, False), (f({"distilT4_1"}), f({"lora_b"}), T),
+        (f({"distil128_1"}), f({"lora_a"}), T), (f({"distil_lr_1"}), f({"lora_a"}), T),
+        (f({"distil_ens_1"}), rnn64, False), (f({"distil_ens_1"}), f({"lora_a", "lora_b"}), T)}
+    assert pair_set(rep, "ood_dev") == pair_set(rep) - {(f({"rnn64_small"}), f({"lora_a"}), T)}
+    names = by_runs(rep)
+    why = {(names[u["group"]], u["partner"]): u["why"] for u in rep["unpaired"]}
+    assert set(why) == {(f({"distil128_1"}), "an rnn group of the same settings"),
+                        (f({"distil_lr_1"}), "an rnn group of the same settings"),
+                        (f({"rnn64_small"}), "its teacher")}
+    assert "differs in hidden_size (128 here, " in why[f({"distil128_1"}), "an rnn group of the same settings"]
+    assert "lr (0.001 here, 0.002 there)" in why[f({"distil_lr_1"}), "an rnn group of the same settings"]
+    assert "other dev sentences" in why[f({"rnn64_small"}), "its teacher"]
+    assert report.PAIRING_RULE in text and "kd_loss" in report.PAIRING_RULE
+
+    # the teacher side is the teacher's own score: one run's metrics, or the ensemble's mean-logit prediction
+    lora_a, lora_b = (json.loads((root / n / PREDICTIONS).read_text())["dev"]["p1"] for n in ("lora_a", "lora_b"))
+    logit = lambda p: np.log(np.array(p) / (1 - np.array(p)))
+    ensemble_mcc = report.scores((logit(lora_a) + logit(lora_b)) / 2 > 0, dev)[1]
+    for p in rep["pairs"]:
+        if p["split"] == "dev" and names[p["a"]] == f({"distil_ens_1"}) and p["b"].startswith("teacher"):
+            assert p["b_mean"] == pytest.approx(ensemble_mcc, abs=1e-12)
+            assert p["b"] == f"teacher {a} + {b} ({', '.join(sorted({l for l, n in names.items() if n & {'lora_a', 'lora_b'}}))})"
+        if p["split"] == "dev" and p["b_runs"] == [a]:
+            assert p["b_mean"] == metrics_of(root / "lora_a")["best"]["val_mcc"]
+    assert ensemble_mcc not in (metrics_of(root / "lora_a")["best"]["val_mcc"], metrics_of(root / "lora_b")["best"]["val_mcc"])
+
+
+def seeded_pair(root: Path, dev: np.ndarray, ood: np.ndarray, rnn_fracs: tuple, distil_fracs: tuple) -> dict:
+    """An rnn group and a distil group of the same settings, run s of each wrong on the first rnn_fracs[s] /
+    distil_fracs[s] of one fixed order of the sentences; compared."""
+    for s, frac in enumerate(rnn_fracs, start=1):
+        write_run(root / f"rnn_{s}", {**STUDENT, "seed": s}, flip(dev, frac), dev, flip(ood, frac), ood)
+    for s, frac in enumerate(distil_fracs, start=1):
+        write_run(root / f"distil_{s}", {**STUDENT, "mode": "distil", "seed": s}, flip(dev, frac), dev,
+                  flip(ood, frac), ood)
+    return report.compare(sorted(root.iterdir()), root.parent / f"{root.name}_plots")[1]
+
+
+def test_the_interval_holds_the_seed_variance(dev_ood, tmp_path):
+    """Two-level bootstrap, pinned on hand-made seeds. Seeds far apart (MCC about 0.9, 0.5, 0.1): each group's
+    interval spans a good part of that spread and is several times the sentence-only one, and the distil − rnn
+    difference (-0.1 on every seed) is not distinguishable. Identical seeds: the interval is exactly the
+    sentence-only one, and the same difference, paired sentence by sentence, is clearly below 0."""
+    dev, ood = dev_ood
+    idx = report.resamples(len(dev))
+    spread = seeded_pair(tmp_path / "spread", dev, ood, (0.025, 0.125, 0.225), (0.05, 0.15, 0.25))
+    same = seeded_pair(tmp_path / "same", dev, ood, (0.125,) * 3, (0.15,) * 3)
+    for rep, wide in ((spread, True), (same, False)):
+        for g in rep["groups"]:
+            runs = [report.load_run(r["path"]) for r in g["runs"]]
+            sentence_only = report.interval(report.seed_mean_scores(np.array([r.p1("dev") > 0.5 for r in runs]),
+                                                                    dev, idx)[1])
+            width, width1 = np.subtract(*g["dev"]["mcc"]["ci"][::-1]), np.subtract(*sentence_only[::-1])
+            mccs = [r["dev"]["mcc"] for r in g["runs"]]
+            if wide:
+                assert width > 0.4 * (max(mccs) - min(mccs)) and width > 3 * width1, (width, width1, mccs)
+            else:
+                assert g["dev"]["mcc"]["ci"] == pytest.approx(sentence_only, abs=1e-12)
+        (p,) = [p for p in rep["pairs"] if p["split"] == "dev"]
+        assert p["difference"] == pytest.approx(np.mean([r["dev"]["mcc"] for r in rep["groups"][1]["runs"]]) -
+                                                np.mean([r["dev"]["mcc"] for r in rep["groups"][0]["runs"]]))
+        assert p["difference"] < -0.05
+        if wide:
+            assert p["ci"][0] < 0 < p["ci"][1] and p["excludes_zero"] is None
+            assert p["verdict"] == "not distinguishable with these seeds (3 seeds against 3 seeds)"
+        else:
+            assert p["ci"][1] < 0 and p["excludes_zero"] == "below"
+            assert p["verdict"] == "G2 lower: the interval excludes 0 (3 seeds against 3 seeds)"
+            own = min(np.subtract(*g["dev"]["mcc"]["ci"][::-1]) for g in rep["groups"])
+            assert np.subtract(*p["ci"][::-1]) < 0.5 * own  # paired: the same sentences on both sides
+
+
+def test_one_seed_a_side_says_seed_variance_is_unknown(dev_ood, tmp_path):
+    dev, ood = dev_ood
+    rep = seeded_pair(tmp_path / "one", dev, ood, (0.2,), (0.1,))
+    (p,) = [p for p in rep["pairs"] if p["split"] == "dev"]
+    assert p["excludes_zero"] == "above" and p["verdict"] == (
+        "G2 higher: the interval excludes 0 (1 seed against 1 seed); seed variance unknown for G2 and G1 (1 seed): "
+        "the interval leaves it out")
+
+
+def test_out_of_domain_gets_its_own_table_and_pairs(dev_ood, tmp_path):
+    """Dev and out-of-domain scores that disagree (the rnn better on dev, the distilled student out of domain):
+    each group's OOD row holds its own OOD scores, its interval is bootstrapped from its OOD predictions, and the
+    OOD difference has the OOD sign."""
+    dev, ood = dev_ood
+    root = tmp_path / "runs"
+    for s in (1, 2):
+        write_run(root / f"rnn_{s}", {**STUDENT, "seed": s}, flip(dev, 0.1, s), dev, flip(ood, 0.35, s), ood)
+        write_run(root / f"distil_{s}", {**STUDENT, "mode": "distil", "seed": s}, flip(dev, 0.3, s), dev,
+                  flip(ood, 0.15, s), ood)
+    text, rep = report.compare(sorted(root.iterdir()), tmp_path / "plots")
+    header = text.split("## Groups")[0]
+    assert "dev-selected epoch" in header and "never used for selection" in header
+    ood_table = section(text, "Out-of-domain dev, 516 sentences")
+    assert "not used for selection" in text.split("## Out-of-domain dev, 516 sentences")[1].splitlines()[0]
+    idx = report.resamples(len(ood), seed=report.BOOT_SEED + 1)
+    for g in rep["groups"]:
+        own = [metrics_of(Path(r["path"]))["ood_dev"] for r in g["runs"]]
+        assert g["ood_dev"]["mcc"]["mean"] == pytest.approx(np.mean([o["mcc"] for o in own]), abs=1e-12)
+        assert g["ood_dev"]["size"] == 516 and g["ood_dev"]["majority_baseline"] == own[0]["majority_acc"]
+        row = next(ln for ln in ood_table.splitlines() if ln.startswith(f"| {g['label']} |"))
+        assert f"| {_mean_pm(g['ood_dev']['mcc'])} |" in row and f"{g['runs'][0]['seed']}: {own[0]['mcc']:.4f}" in row
+        runs = [report.load_run(r["path"]) for r in g["runs"]]
+        preds = np.array([r.p1("ood_dev") > 0.5 for r in runs])
+        draws = report.run_draws(len(runs), report.group_key(runs[0]) + "ood_dev")
+        mcc = report.seed_mean_scores(preds, ood, idx, draws)[1]
+        assert g["ood_dev"]["mcc"]["ci"] == pytest.approx(report.interval(mcc), abs=1e-12)
+    pairs = {p["split"]: p for p in rep["pairs"]}
+    assert pairs["dev"]["difference"] < 0 < pairs["ood_dev"]["difference"]
+    assert pairs["ood_dev"]["difference"] == pytest.approx(
+        rep["groups"][1]["ood_dev"]["mcc"]["mean"] - rep["groups"][0]["ood_dev"]["mcc"]["mean"])
+    assert "Paired differences of out-of-domain dev MCC" in ood_table
+
+
+def _mean_pm(s: dict) -> str:
+    return f"{s['mean']:.4f} ± {s['std']:.4f}"
+
+
+def test_a_collapsed_group_says_so_instead_of_a_zero_width_interval(dev_ood, tmp_path):
+    dev, ood = dev_ood
+    root = tmp_path / "runs"
+    for s in (1, 2):
+        write_run(root / f"rnn_{s}", {**STUDENT, "seed": s}, np.ones_like(dev), dev, np.ones_like(ood), ood)
+    write_run(root / "distil_1", {**STUDENT, "mode": "distil", "seed": 1}, flip(dev, 0.2), dev, flip(ood, 0.2), ood)
+    text, rep = report.compare(sorted(root.iterdir()), tmp_path / "plots")
+    assert rep["groups"][0]["dev"]["collapsed"] == 2 and rep["groups"][0]["dev"]["mcc"]["ci"] == (0.0, 0.0)
+    rows = [next(ln for ln in section(text, heading).splitlines() if ln.startswith("| G1 | rnn | 2 seeds |"))
+            for heading in ("In-domain dev", "Out-of-domain dev")]
+    for row in rows:
+        assert "collapsed: every run predicts one class" in row and "[0.0000, 0.0000]" not in row
+
+
+def test_a_run_that_lacks_a_newer_setting_groups_with_runs_of_its_default(dev_ood, tmp_path, monkeypatch):
+    """An rnn run written before kd_loss existed and one recording kd_loss=kl are one group of two seeds."""
+    import cli
+    monkeypatch.setitem(cli.CONFIG_DEFAULTS, "kd_loss", "kl")
+    dev, ood = dev_ood
+    write_run(tmp_path / "runs" / "old", {**STUDENT, "seed": 1}, flip(dev, 0.2, 1), dev, flip(ood, 0.2), ood)
+    write_run(tmp_path / "runs" / "new", {**STUDENT, "kd_loss": "kl", "seed": 2}, flip(dev, 0.2, 2), dev,
+              flip(ood, 0.2), ood)
+    _, rep = report.compare(sorted((tmp_path / "runs").iterdir()), tmp_path / "plots")
+    assert [len(g["runs"]) for g in rep["groups"]] == [2] and "kd_loss" not in rep["groups"][0]["settings"]
+
+
+def long_groups(root: Path, dev: np.ndarray, ood: np.ndarray) -> list[Path]:
+    """9 groups that differ in several long settings: LoRA targets, bases, ensembles of deep teacher paths."""
+    deep = "experiments/2026-12-06/cola_sweep/gpt2-medium_lora/rank_{}_targets_all_projections"
+    dirs = []
+    for i, (rank, targets) in enumerate([(4, "c_attn"), (8, "c_attn,attn.c_proj,c_fc,mlp.c_proj"),
+                                         (16, "c_attn,attn.c_proj,c_fc,mlp.c_proj,lm_head.extra_projection")]):
+        dirs.append(write_run(root / deep.format(rank), {**LORA, "lora_rank": rank, "lora_targets": targets,
+                                                         "gpt_variant": f"/home/someone/checkpoints/gpt2-medium-{i}",
+                                                         "seed": 1}, flip(dev, 0.2 + 0.02 * i, i), dev,
+                              flip(ood, 0.25, i), ood))
+    teachers = [str(d) for d in dirs]
+    for i, (mode, teacher, temperature) in enumerate([("rnn", teachers[0], 2.0), ("rnn", teachers[1], 2.0),
+                                                      ("distil", teachers[0], 2.0), ("distil", teachers[1], 4.0),
+                                                      ("distil", teachers[:2], 2.0), ("distil", teachers, 8.0)]):
+        for s in (1, 2):
+            dirs.append(write_run(root / f"student_{i}_{s}", {**STUDENT, "mode": mode, "teacher": teacher,
+                                                              "temperature": temperature, "seed": s,
+                                                              "teacher_fingerprint": f"{i:064x}"},
+                                  flip(dev, 0.1 + 0.05 * i + 0.03 * s, 100 * i + s), dev, flip(ood, 0.3, s), ood))
+    return dirs
+
+
+def test_the_figure_stays_legible_with_many_groups(dev_ood, tmp_path):
+    """9 groups with long settings: no warning at all (matplotlib's layout warnings included), every text inside
+    the figure, the legend and the key clear of the axes, each label on its own group's line, teachers named by
+    their run paths and never by a hash."""
+    import warnings
+
+    import matplotlib.text
+    dev, ood = dev_ood
+    dirs = long_groups(tmp_path / "runs", dev, ood)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        text, rep = report.compare(dirs, tmp_path / "plots")
+        fig = report.report_figure(rep)
+        fig.set_dpi(report.DPI)  # as saved: text extents depend on the resolution (hinting)
+        fig.canvas.draw()
+    assert len(rep["groups"]) == 9
+    renderer = fig.canvas.get_renderer()
+    box = fig.bbox
+    texts = [t for t in fig.findobj(matplotlib.text.Text) if t.get_visible() and t.get_text().strip()]
+    for t in texts:
+        e = t.get_window_extent(renderer)
+        assert e.x0 >= box.x0 and e.y0 >= box.y0 and e.x1 <= box.x1 and e.y1 <= box.y1, (t.get_text()[:60], e, box)
+    axes = [ax.get_tightbbox(renderer) for ax in fig.axes]
+    (key,) = [t for t in texts if t.get_gid() == "key"]
+    for other in (fig.legends[0].get_window_extent(renderer), key.get_window_extent(renderer)):
+        assert all(not other.overlaps(a) for a in axes)
+    assert not fig.legends[0].get_window_extent(renderer).overlaps(key.get_window_extent(renderer))
+    for ax in fig.axes:  # every label on the line of its own group: the dot is the group's mean
+        ticks = {lab.get_text().split()[0]: y for lab, y in zip(fig.axes[0].get_yticklabels(), fig.axes[0].get_yticks())}
+        for g in rep["groups"]:
+            split, metric = next(gid.split()[1:] for gid in [line.get_gid() for line in ax.get_lines()] if gid)
+            (dot,) = [line for line in ax.get_lines()
+                      if line.get_gid() == f"{g['label']} {split} {metric}" and line.get_marker() == "o"]
+            assert dot.get_ydata()[0] == ticks[g["label"]]
+            assert dot.get_xdata()[0] == pytest.approx(g[split][metric]["mean"])
+    words = "\n".join(t.get_text() for t in texts)
+    for g in rep["groups"]:  # the key under the figure gives each group's settings in full
+        for k, v in g["settings"].items():
+            assert f"{k}={v}".replace(" ", "") in words.replace(" ", "").replace("\n", "")
+    assert "f" * 8 not in words and "0" * 40 not in words + text  # no fingerprint
+    assert "teacher_fingerprint" not in words + text
+    assert str(dirs[0]) in text and "lm_head.extra_projection" in text  # paths and lists kept whole
+
+
+def test_the_json_holds_every_group_and_pair(dev_ood, tmp_path):
+    dev, ood = dev_ood
+    seeded_pair(tmp_path / "runs", dev, ood, (0.1, 0.2), (0.15, 0.25))
+    _, rep = report.compare(sorted((tmp_path / "runs").iterdir()), tmp_path / "plots", "NAME")
+    saved = json.loads((tmp_path / "plots" / "NAME.json").read_text())
+    assert saved == json.loads(json.dumps(rep))
+    assert sorted(p.name for p in (tmp_path / "plots").iterdir()) == ["NAME.json", "NAME.md", "NAME.png"]
+    rnn = saved["groups"][0]
+    assert rnn["kind"] == "rnn" and [r["seed"] for r in rnn["runs"]] == [1, 2]
+    assert rnn["config"]["hidden_size"] == 64 and "seed" not in rnn["config"]
+    for r in rnn["runs"]:
+        own = metrics_of(Path(r["path"]))
+        assert r["dev"]["mcc"] == own["best"]["val_mcc"] and r["ood_dev"]["mcc"] == own["ood_dev"]["mcc"]
+    for split in ("dev", "ood_dev"):
+        assert set(rnn[split]) == {"size", "sentences", "majority_baseline", "acc", "mcc", "collapsed"}
+        assert set(rnn[split]["mcc"]) == {"mean", "std", "ci"}
+    assert {(p["a"], p["b"], p["split"]) for p in saved["pairs"]} == {("G2", "G1", "dev"), ("G2", "G1", "ood_dev")}
+    assert all({"difference", "ci", "verdict", "excludes_zero", "a_seeds", "b_seeds"} <= set(p) for p in saved["pairs"])
+
+
+def test_a_folder_of_runs_is_read_at_any_depth(dev_ood, tmp_path):
+    dev, ood = dev_ood
+    write_run(tmp_path / "exp" / "hot" / "rnn_1", {**STUDENT, "seed": 1}, flip(dev, 0.2), dev, flip(ood, 0.2), ood)
+    write_run(tmp_path / "exp" / "cold" / "b" / "rnn_2", {**STUDENT, "seed": 2}, flip(dev, 0.3), dev,
+              flip(ood, 0.2), ood)
+    (tmp_path / "exp" / "cache").mkdir()
+    (tmp_path / "exp" / "cache" / "teacher_x.safetensors").write_bytes(b"")
+    r = cli(str(tmp_path / "exp"), "--plots_dir", str(tmp_path / "plots"))
+    assert r.returncode == 0 and "note:" not in r.stdout, r.stdout + r.stderr
+    saved = json.loads((tmp_path / "plots" / "comparison.json").read_text())
+    assert [[Path(x["path"]).name for x in g["runs"]] for g in saved["groups"]] == [["rnn_1", "rnn_2"]]
+    r = cli(str(tmp_path / "exp" / "cache"), str(tmp_path / "exp" / "hot"), "--plots_dir", str(tmp_path / "plots"))
+    assert r.returncode == 0 and f"note: skipping {tmp_path / 'exp' / 'cache'}" in r.stdout, r.stdout + r.stderr
+
+
 # ---------------------------------------------------------------- curves
 
 def curve_metrics(mode: str | None, collapsed: bool) -> dict:
