@@ -1,13 +1,15 @@
 """Summaries, plots and comparisons of finished runs, from their metrics.json and predictions.json alone.
 
-    python report.py runs/lora_* runs/rnn_* runs/distil_*     # plots/comparison.md and plots/comparison.png
-    python report.py runs/* --name all                        # plots/all.{md,png}; runs/cache is skipped
+    python report.py runs/lora_* runs/rnn_* runs/distil_*     # plots/comparison.md, .png and .json
+    python report.py runs --name all                          # every run below runs/, at any depth: plots/all.*
     python report.py --curves runs/distil                     # redraw plots/distil_{loss,accuracy}.png
 
-Runs whose configs differ only in --seed (and --cache_dir, where teacher logits are cached) form a group. Each
-group is reported as mean ± sample standard deviation over its seeds, with a 95% bootstrap confidence interval
-over dev sentences. Runs scored on different dev sets (other sentences, not only another number of them) are
-never put in one table: each dev set gets its own, headed by its size.
+Runs whose settings differ only in --seed (and --cache_dir) form a group, labelled G1, G2, ... with a key to
+their settings. Each group gets its mean ± std over seeds and a 95% two-level bootstrap interval (runs, then
+sentences) on in-domain dev and, never used for selection, out-of-domain dev. Pairs follow one rule
+(find_pairs): a student against its own teacher, a distilled student against the label-trained student of the
+same settings; each difference ends with a verdict. Runs scored on other dev sentences get tables of their own.
+docs/design.md says why.
 """
 
 from __future__ import annotations
