@@ -453,7 +453,10 @@ def test_exactly_the_right_pairs_among_near_misses(dev_ood, tmp_path):
     run("distilT4_1", {**distil, "teacher": b, "temperature": 4.0, "kd_loss": "mse", "seed": 1}, 0.28, 23)
     run("distil128_1", {**distil, "teacher": a, "hidden_size": 128, "seed": 1}, 0.28, 24)
     run("distil_lr_1", {**distil, "teacher": a, "lr": 1e-3, "seed": 1}, 0.28, 25)
-    run("distil_ens_1", {**distil, "teacher": [a, b], "seed": 1}, 0.28, 26)
+    a2 = str(root / "lora_a2")
+    run("distil_ens_1", {**distil, "teacher": [a, b, a2], "seed": 1}, 0.28, 26)
+    write_run(root / "distil64_moved", {**distil, "teacher": a, "seed": 1}, p1_of(flip(dev, 0.28, 27)), dev,
+              flip(ood, 0.28), ood, dev_rows=list(range(1000, 1000 + len(dev))))  # other dev rows, same settings
     text, rep = report.compare(sorted(root.iterdir()), tmp_path / "plots")
 
     f = frozenset
@@ -463,26 +466,31 @@ def test_exactly_the_right_pairs_among_near_misses(dev_ood, tmp_path):
         (f({"distil64_1", "distil64_2"}), rnn64, False), (f({"distil64_1", "distil64_2"}), f({"lora_a"}), T),
         (f({"distilT4_1"}), rnn64, False), (f({"distilT4_1"}), f({"lora_b"}), T),
         (f({"distil128_1"}), f({"lora_a"}), T), (f({"distil_lr_1"}), f({"lora_a"}), T),
-        (f({"distil_ens_1"}), rnn64, False), (f({"distil_ens_1"}), f({"lora_a", "lora_b"}), T)}
+        (f({"distil_ens_1"}), rnn64, False), (f({"distil_ens_1"}), f({"lora_a", "lora_b", "lora_a2"}), T)}
     assert pair_set(rep, "ood_dev") == pair_set(rep) - {(f({"rnn64_small"}), f({"lora_a"}), T)}
     names = by_runs(rep)
     why = {(names[u["group"]], u["partner"]): u["why"] for u in rep["unpaired"]}
     assert set(why) == {(f({"distil128_1"}), "an rnn group of the same settings"),
                         (f({"distil_lr_1"}), "an rnn group of the same settings"),
-                        (f({"rnn64_small"}), "its teacher")}
+                        (f({"rnn64_small"}), "its teacher"), (f({"distil64_moved"}), "its teacher"),
+                        (f({"distil64_moved"}), "an rnn group of the same settings")}
+    assert why[f({"distil64_moved"}), "an rnn group of the same settings"] == (
+        "no rnn group on the same dev sentences among the runs given")
     assert "differs in hidden_size (128 here, " in why[f({"distil128_1"}), "an rnn group of the same settings"]
     assert "lr (0.001 here, 0.002 there)" in why[f({"distil_lr_1"}), "an rnn group of the same settings"]
     assert "other dev sentences" in why[f({"rnn64_small"}), "its teacher"]
     assert report.PAIRING_RULE in text and "kd_loss" in report.PAIRING_RULE
 
     # the teacher side is the teacher's own score: one run's metrics, or the ensemble's mean-logit prediction
-    lora_a, lora_b = (json.loads((root / n / PREDICTIONS).read_text())["dev"]["p1"] for n in ("lora_a", "lora_b"))
-    logit = lambda p: np.log(np.array(p) / (1 - np.array(p)))
-    ensemble_mcc = report.scores((logit(lora_a) + logit(lora_b)) / 2 > 0, dev)[1]
+    # (with three members it differs from the mean probability's; with two the two rules always agree)
+    p1 = np.array([json.loads((root / n / PREDICTIONS).read_text())["dev"]["p1"] for n in ("lora_a", "lora_b", "lora_a2")])
+    ensemble_mcc = report.scores(np.log(p1 / (1 - p1)).mean(0) > 0, dev)[1]
+    assert ensemble_mcc != report.scores(p1.mean(0) > 0.5, dev)[1]
     for p in rep["pairs"]:
         if p["split"] == "dev" and names[p["a"]] == f({"distil_ens_1"}) and p["b"].startswith("teacher"):
             assert p["b_mean"] == pytest.approx(ensemble_mcc, abs=1e-12)
-            assert p["b"] == f"teacher {a} + {b} ({', '.join(sorted({l for l, n in names.items() if n & {'lora_a', 'lora_b'}}))})"
+            labels = sorted({l for l, n in names.items() if n & {"lora_a", "lora_b"}})
+            assert p["b"] == f"teacher {a} + {b} + {a2} ({', '.join(labels)})"
         if p["split"] == "dev" and p["b_runs"] == [a]:
             assert p["b_mean"] == metrics_of(root / "lora_a")["best"]["val_mcc"]
     assert ensemble_mcc not in (metrics_of(root / "lora_a")["best"]["val_mcc"], metrics_of(root / "lora_b")["best"]["val_mcc"])
