@@ -3,7 +3,18 @@ curves redrawn from metrics.json, saved predictions; and the fixes that came wit
 --max_*_samples, non-overlapping epoch seeds, the distillation teacher checked on --resume and in the cache).
 
 The runs are real train_lora.py / train_distil.py runs (in-process, one thread) on a tiny random GPT-2 and real
-CoLA: 64 training rows, one epoch; the bootstrap's own tests also use runs made in memory from real dev labels.
+CoLA: 64 training rows, one epoch; the bootstrap's own tests also use runs made in memory from real dev labels,
+and the tests of pairing, seeds, OOD, the figure and the JSON (issue 23) hand-made run directories
+(metrics.json + predictions.json) on real dev and out-of-domain labels.
+
+Planted for issue 23 and seen to fail a test (each alone, then reverted): a pair across settings (lr left out of
+the settings compared); a pair across dev sets (the rnn partner found without checking the sentences); the
+teacher taken as its run's whole group; an ensemble by mean probability (caught with three teachers; with two
+the two rules agree); the seed level dropped from the bootstrap; unpaired sentence resamples; the same run
+draws for both sides of a pair; OOD rows swapped between groups; OOD scores read from the dev record; tick
+labels on the wrong lines; the key's settings shifted by one group; the verdict's side swapped; a collapsed
+group shown with its zero-width interval; folders searched one level deep only; the key wrapped for a glyph
+narrower than the saved resolution draws (the text ran off the figure); an older run's config not completed.
 
 Bugs these tests exist to catch. Planted and seen to fail a test:
 - the bootstrap unpaired: groups (or the seeds of a group) resampled independently, or a comparison's
