@@ -711,7 +711,7 @@ def test_the_json_holds_every_group_and_pair(dev_ood, tmp_path):
     assert all({"difference", "ci", "verdict", "excludes_zero", "a_seeds", "b_seeds"} <= set(p) for p in saved["pairs"])
 
 
-def test_a_folder_of_runs_is_read_at_any_depth(dev_ood, tmp_path):
+def test_a_folder_of_runs_is_read_at_any_depth(dev_ood, tmp_path, capsys):
     dev, ood = dev_ood
     write_run(tmp_path / "exp" / "hot" / "rnn_1", {**STUDENT, "seed": 1}, flip(dev, 0.2), dev, flip(ood, 0.2), ood)
     write_run(tmp_path / "exp" / "cold" / "b" / "rnn_2", {**STUDENT, "seed": 2}, flip(dev, 0.3), dev,
@@ -722,8 +722,9 @@ def test_a_folder_of_runs_is_read_at_any_depth(dev_ood, tmp_path):
     assert r.returncode == 0 and "note:" not in r.stdout, r.stdout + r.stderr
     saved = json.loads((tmp_path / "plots" / "comparison.json").read_text())
     assert [[Path(x["path"]).name for x in g["runs"]] for g in saved["groups"]] == [["rnn_1", "rnn_2"]]
-    r = cli(str(tmp_path / "exp" / "cache"), str(tmp_path / "exp" / "hot"), "--plots_dir", str(tmp_path / "plots"))
-    assert r.returncode == 0 and f"note: skipping {tmp_path / 'exp' / 'cache'}" in r.stdout, r.stdout + r.stderr
+    found = report.find_runs([str(tmp_path / "exp" / "cache"), str(tmp_path / "exp" / "hot")])
+    assert found == [tmp_path / "exp" / "hot" / "rnn_1"]
+    assert capsys.readouterr().out == f"note: skipping {tmp_path / 'exp' / 'cache'}: not a run directory (no {METRICS}) and holds none\n"
 
 
 # ---------------------------------------------------------------- curves
