@@ -266,9 +266,6 @@ class Group:
         """(n_runs, n_sentences) bool: each run's predicted class 1 on each sentence of the split."""
         return np.array([r.p1(split) for r in self.runs]) > 0.5
 
-    def describe(self) -> str:
-        return " ".join(f"{k}={v}" for k, v in self.shown.items()) or "–"
-
 
 def make_groups(runs: list[Run]) -> list[Group]:
     """Runs with equal settings on the same dev set, one group each, ordered by dev set (largest first), then
@@ -390,7 +387,8 @@ def find_pairs(groups: list[Group]) -> tuple[list[tuple[Group, Group | Teacher, 
         mates = [o for o in rnns if student_settings(o) == student_settings(g)]
         pairs += [(g, o, "distil − rnn of the same settings") for o in mates]
         if not mates:
-            unpaired.append({"group": g.label, "partner": "an rnn group of the same settings", "why": near_miss(g, rnns)})
+            unpaired.append({"group": g.label, "partner": "an rnn group of the same settings",
+                             "why": near_miss(g, rnns)})
     teaching = {label for _, b, _ in pairs if isinstance(b, Teacher) for label in b.groups}
     for g in groups:
         if g.kind not in STUDENTS and g.label not in teaching:
@@ -493,14 +491,24 @@ def verdict(a: Group, b: Group | Teacher, ci: tuple[float, float]) -> tuple[str 
     """("above" / "below" / None, the sentence): does the interval of a − b exclude 0, on which side, and on how
     many seeds a side it rests."""
     side = "above" if ci[0] > 0 else "below" if ci[1] < 0 else None
-    words = {"above": f"{a.label} higher: the interval excludes 0", "below": f"{a.label} lower: the interval excludes 0",
-             None: "not distinguishable with these seeds"}[side]
+    words = {"above": f"{a.label} higher: the interval excludes 0",
+             "below": f"{a.label} lower: the interval excludes 0", None: "not distinguishable with these seeds"}[side]
     other = "the teacher, one fixed model" if isinstance(b, Teacher) else _seeds(len(b.runs))
     words += f" ({_seeds(len(a.runs))} against {other})"
     single = [g.label for g in (a, b) if isinstance(g, Group) and len(g.runs) == 1]
     if single:
         words += (f"; seed variance unknown for {' and '.join(single)} (1 seed): the interval leaves it out")
     return side, words
+
+
+METHOD = (
+    "95% percentile bootstrap with two levels ({n} resamples, fixed seeds): each resample draws a group's runs "
+    "with replacement (a new set of seeds) and the split's sentences with replacement (a new dev set), scores "
+    "every drawn run on those sentences and averages, so the interval holds the variation between seeds and "
+    "that of a finite dev set. The two sides of a pair are scored on the same resampled sentences, their runs "
+    "drawn independently. A group of one run, and a teacher (one fixed model), get the sentence level only. "
+    "With few seeds the seed level sees only their spread: 3 seeds give a rough interval, not a tight one."
+).format(n=N_BOOT)
 
 
 def build_report(runs: list[Run]) -> dict:
@@ -557,16 +565,6 @@ def build_report(runs: list[Run]) -> dict:
             "pairs": out_pairs, "unpaired": unpaired}
 
 
-METHOD = (
-    "95% percentile bootstrap with two levels ({n} resamples, fixed seeds): each resample draws a group's runs "
-    "with replacement (a new set of seeds) and the split's sentences with replacement (a new dev set), scores "
-    "every drawn run on those sentences and averages, so the interval holds the variation between seeds and "
-    "that of a finite dev set. The two sides of a pair are scored on the same resampled sentences, their runs "
-    "drawn independently. A group of one run, and a teacher (one fixed model), get the sentence level only. "
-    "With few seeds the seed level sees only their spread: 3 seeds give a rough interval, not a tight one."
-).format(n=N_BOOT)
-
-
 # ---------------------------------------------------------------- the report: markdown, figure, JSON
 
 def _pm(s: dict) -> str:
@@ -585,19 +583,21 @@ def _mcc_cells(s: dict, n: int) -> str:
 
 
 def _split_tables(split: str, groups: list[dict], pairs: list[dict]) -> list[str]:
-    lines = ["| group | kind | runs | majority baseline | accuracy | 95% CI | MCC | 95% CI | MCC of each run (seed: MCC) "
-             "| collapsed runs |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| group | kind | runs | majority baseline | accuracy | 95% CI | MCC | 95% CI "
+             "| MCC of each run (seed: MCC) | collapsed runs |", "|---|---|---|---|---|---|---|---|---|---|"]
     for g in groups:
         s, n = g[split], len(g["runs"])
         if s is None:
-            lines.append(f"| {g['label']} | {g['kind']} | {_seeds(n)} | – | – | – | – | – | not saved (an older run) | – |")
+            lines.append(f"| {g['label']} | {g['kind']} | {_seeds(n)} | – | – | – | – | – "
+                         "| not saved (an older run) | – |")
             continue
         each = ", ".join(f"{r['seed']}: {r[split]['mcc']:.4f}" for r in g["runs"])
         lines.append(f"| {g['label']} | {g['kind']} | {_seeds(n)} | {s['majority_baseline']:.4f} | {_pm(s['acc'])} | "
                      f"{_ci(s['acc']['ci'])} | {_mcc_cells(s, n)} | {each} | {s['collapsed']} of {n} |")
     mine = [p for p in pairs if p["split"] == split]
     if mine:
-        lines += ["", f"Paired differences of {SPLITS[split]} MCC (a − b, the same resampled sentences for both):", "",
+        lines += ["", f"Paired differences of {SPLITS[split]} MCC (a − b, the same resampled sentences for both):",
+                  "",
                   "| a − b | compares | a | b | difference | 95% CI | verdict |", "|---|---|---|---|---|---|---|"]
         lines += [f"| {p['a']} − {p['b']} | {p['rule']} | {p['a_mean']:.4f} | {p['b_mean']:.4f} | "
                   f"{p['difference']:+.4f} | {_ci(p['ci'])} | {p['verdict']} |" for p in mine]
@@ -615,8 +615,9 @@ def to_markdown(report: dict) -> str:
              "**Dev scores are optimistic:** each run's scores are those of its dev-selected epoch (the best dev MCC). "
              "The out-of-domain dev set was never used for selection: its table is the honest estimate.", "",
              "## Groups", "", "| group | kind | runs | settings |", "|---|---|---|---|"]
-    lines += [f"| {g['label']} | {g['kind']} | {_seeds(len(g['runs']))} | {' '.join(f'{k}={v}' for k, v in g['settings'].items()) or '–'} |"
-              for g in groups]
+    for g in groups:
+        shown = " ".join(f"{k}={v}" for k, v in g["settings"].items()) or "–"
+        lines.append(f"| {g['label']} | {g['kind']} | {_seeds(len(g['runs']))} | {shown} |")
     for key in dict.fromkeys(g["dev"]["sentences"] for g in groups):
         members = [g for g in groups if g["dev"]["sentences"] == key]
         labels = {g["label"] for g in members}
@@ -631,11 +632,13 @@ def to_markdown(report: dict) -> str:
     if report["unpaired"]:
         lines += ["", "## Not paired", ""]
         lines += [f"- {u['group']} with {u['partner']}: {u['why']}" for u in report["unpaired"]]
-    lines += ["", "## Runs", "", "| group | seed | run | dev acc | dev MCC | OOD acc | OOD MCC |", "|---|---|---|---|---|---|---|"]
+    lines += ["", "## Runs", "", "| group | seed | run | dev acc | dev MCC | OOD acc | OOD MCC |",
+              "|---|---|---|---|---|---|---|"]
     for g in groups:
         for r in g["runs"]:
             ood = f"{r['ood_dev']['acc']:.4f} | {r['ood_dev']['mcc']:.4f}" if r["ood_dev"] else "– | –"
-            lines.append(f"| {g['label']} | {r['seed']} | {r['path']} | {r['dev']['acc']:.4f} | {r['dev']['mcc']:.4f} | {ood} |")
+            lines.append(f"| {g['label']} | {r['seed']} | {r['path']} | {r['dev']['acc']:.4f} | "
+                         f"{r['dev']['mcc']:.4f} | {ood} |")
     return "\n".join(lines) + "\n"
 
 
@@ -700,7 +703,8 @@ def report_figure(report: dict):
         ax.xaxis.set_major_locator(plt.MaxNLocator(4))
     axes[0].set_yticks(y, ticks, fontsize=9)
     handles = [plt.Line2D([], [], color="C0", marker="o", label="mean over a group's runs, 95% interval"),
-               plt.Line2D([], [], color="C0", marker="o", markersize=3, alpha=0.5, linestyle="", label="one run (one seed)"),
+               plt.Line2D([], [], color="C0", marker="o", markersize=3, alpha=0.5, linestyle="",
+                          label="one run (one seed)"),
                plt.Line2D([], [], color="black", linewidth=2, label="majority baseline (accuracy); MCC 0")]
     if any(g[s]["collapsed"] == len(g["runs"]) for g in groups for s in SPLITS if g[s]):
         handles.append(plt.Line2D([], [], color="red", marker="o", label="every run predicts one class"))
