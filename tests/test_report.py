@@ -626,6 +626,23 @@ def test_a_run_that_lacks_a_newer_setting_groups_with_runs_of_its_default(dev_oo
     assert [len(g["runs"]) for g in rep["groups"]] == [2] and "kd_loss" not in rep["groups"][0]["settings"]
 
 
+def test_a_run_without_out_of_domain_predictions_is_reported_on_dev(dev_ood, tmp_path):
+    """A run from before out-of-domain predictions were saved: its dev row and pairs stand, its OOD row says so."""
+    dev, ood = dev_ood
+    root = tmp_path / "runs"
+    write_run(root / "rnn_1", {**STUDENT, "seed": 1}, flip(dev, 0.2), dev, flip(ood, 0.2), ood)
+    old = write_run(root / "distil_1", {**STUDENT, "mode": "distil", "seed": 1}, flip(dev, 0.3), dev,
+                    flip(ood, 0.3), ood)
+    p = json.loads((old / PREDICTIONS).read_text())
+    del p["ood_dev"]
+    (old / PREDICTIONS).write_text(json.dumps(p))
+    text, rep = report.compare(sorted(root.iterdir()), tmp_path / "plots")
+    assert rep["groups"][1]["ood_dev"] is None and rep["groups"][1]["runs"][0]["ood_dev"] is None
+    assert [p["split"] for p in rep["pairs"]] == ["dev"]
+    row = "| G2 | distil | 1 seed | – | – | – | – | – | not saved (an older run) | – |"
+    assert row in section(text, "Out-of-domain")
+
+
 def long_groups(root: Path, dev: np.ndarray, ood: np.ndarray) -> list[Path]:
     """9 groups that differ in several long settings: LoRA targets, bases, ensembles of deep teacher paths."""
     deep = "experiments/2026-12-06/cola_sweep/gpt2-medium_lora/rank_{}_targets_all_projections"
