@@ -26,9 +26,6 @@ CHECKPOINT = "checkpoint.safetensors"
 METRICS = "metrics.json"
 PREDICTIONS = "predictions.json"
 
-# A config key -> the value a run written before that key existed implicitly had (see complete_config).
-CONFIG_DEFAULTS: dict[str, object] = {}
-
 # Directories this process created for a run's outputs: run_cli removes the ones left empty, so a run that fails
 # before writing anything leaves nothing behind.
 _created_dirs: list[Path] = []
@@ -256,9 +253,17 @@ def run_name(out_dir: str | Path) -> str:
     return Path(out_dir).resolve().name
 
 
+# Config key -> the value a run written before that key existed implicitly had. A key added to run_config (a new
+# flag) gets an entry here, so that --resume, report.py's groups and the teacher check read an older run's config
+# as if it had recorded the key: complete_config is the one place that decides it.
+CONFIG_DEFAULTS: dict[str, object] = {
+    "dense_embedding_grad": True,  # before the flag the student's embedding took the dense AdamW update
+}
+
+
 def complete_config(config: dict) -> dict:
-    """A copy of a run's recorded config with every key it lacks filled from CONFIG_DEFAULTS: a run written
-    before a flag existed compares (on --resume, in report.py's groups) as one trained with its default."""
+    """A copy of a recorded run config with every key it lacks taken from CONFIG_DEFAULTS: an older run's
+    config compares equal to a new run's of the same recipe."""
     return {**CONFIG_DEFAULTS, **config}
 
 

@@ -28,7 +28,7 @@ from lora import ADAPTER_CONFIG, parameter_summary, read_adapter_config
 from model import DEFAULT_VARIANT, GPT, STUDENT_CONFIG, STUDENT_WEIGHTS, DistilRNN, find_weights, variant_id
 from cli import (CHECKPOINT, METRICS, PREDICTIONS, ArgumentParser, add_common_args, check_inputs, dropout_float,
                  nonneg_int, pick_hardware, positive_float, positive_int, prepare_outputs, print_outputs, run_cli,
-                 run_config, run_name, unit_float)
+                 complete_config, run_config, run_name, unit_float)
 from trainer import fit, load_checkpoint, report_ood, write_json
 
 DEFAULT_TEACHER = "runs/lora"
@@ -178,7 +178,7 @@ def check_teacher_unchanged(args: argparse.Namespace, fingerprint: str) -> None:
     """--resume refuses a teacher changed since the checkpoint: its soft targets would change mid-run."""
     ckpt = Path(args.out_dir) / CHECKPOINT
     _, state = load_checkpoint(ckpt)
-    if state["config"].get("teacher_fingerprint") != fingerprint:
+    if complete_config(state["config"]).get("teacher_fingerprint") != fingerprint:
         raise UserError(f"--resume: {ckpt} was trained with another teacher than the one now in --teacher "
                         f"{args.teacher} (retrained since?); start afresh without --resume")
 

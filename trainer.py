@@ -20,7 +20,7 @@ import torch.nn as nn
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from cli import CHECKPOINT, METRICS, PREDICTIONS
+from cli import CHECKPOINT, METRICS, PREDICTIONS, complete_config
 from data import Batch, Dataset, epoch_seed, iterate, num_batches
 from errors import UserError
 from metrics import describe, evaluate, prior_loss
@@ -98,10 +98,11 @@ def warmup_linear(total_steps: int, warmup_ratio: float) -> Callable[[int], floa
 def resume_mismatch(ckpt_path: Path, state: dict, config: dict) -> str:
     """Why --resume refuses a checkpoint written with another config. --epochs alone gets its own reason: the
     learning rate decays to 0 over the planned epochs, so a run cannot be extended or shortened."""
-    diff = sorted(k for k in set(config) | set(state["config"]) if config.get(k) != state["config"].get(k))
+    saved, config = complete_config(state["config"]), complete_config(config)
+    diff = sorted(k for k in set(config) | set(saved) if config.get(k) != saved.get(k))
     if diff != ["epochs"]:
         return f"--resume: {ckpt_path} was written with a different config ({', '.join(diff)} differ)"
-    done, planned = len(state["metrics"]["epochs"]), state["config"]["epochs"]
+    done, planned = len(state["metrics"]["epochs"]), saved["epochs"]
     what = "a finished run" if done == planned else f"a run planned for {planned} epochs"
     return (f"--resume --epochs {config['epochs']}: {ckpt_path} is {what} ({done} of {planned} epochs done), and "
             f"a run cannot be extended or shortened: its learning rate decays to 0 over the epochs it was started "
@@ -153,7 +154,7 @@ def fit(model: nn.Module, train_ds: Dataset, val_ds: Dataset, loss_fn: LossFn, a
     ckpt_path = out_dir / CHECKPOINT
     if args.resume:
         tensors, state = load_checkpoint(ckpt_path)
-        if state["config"] != config:
+        if complete_config(state["config"]) != complete_config(config):  # a key an older run lacks: its default
             raise UserError(resume_mismatch(ckpt_path, state, config))
         with torch.no_grad():
             for k, p in trainable.items():
@@ -165,7 +166,7 @@ def fit(model: nn.Module, train_ds: Dataset, val_ds: Dataset, loss_fn: LossFn, a
         torch.set_rng_state(tensors["rng.cpu"])
         if device.type == "cuda":
             torch.cuda.set_rng_state(tensors["rng.cuda"], device)
-        metrics = state["metrics"]
+        metrics = {**state["metrics"], "config": config}  # the config as this version records it
         print(f"resumed from {ckpt_path} after epoch {len(metrics['epochs'])}")
 
     running = RunningMetrics(device)
