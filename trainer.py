@@ -117,6 +117,27 @@ def load_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor],
     opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
 
 
+def rng_states(device: torch.device) -> dict[str, torch.Tensor]:
+    """The generators a resumed run must continue: the CPU one (shuffling, and dropout on CPU) and, when training
+    on CUDA, that device's (dropout there)."""
+    states = {"rng.cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        states["rng.cuda"] = torch.cuda.get_rng_state(device)
+    return states
+
+
+def restore_rng_states(tensors: dict[str, torch.Tensor], device: torch.device, ckpt_path: Path) -> None:
+    """Put back what rng_states saved. A checkpoint written off CUDA holds no CUDA state: resuming it on CUDA
+    says that dropout there draws afresh instead of failing."""
+    torch.set_rng_state(tensors["rng.cpu"])
+    if device.type != "cuda":
+        return
+    if "rng.cuda" in tensors:
+        torch.cuda.set_rng_state(tensors["rng.cuda"], device)
+    else:
+        print(f"note: {ckpt_path} holds no CUDA generator state (written off CUDA): dropout draws afresh")
+
+
 # ---------------------------------------------------------------- the loop
 
 def make_optimizer(model: nn.Module, lr: float, weight_decay: float) -> AdamW:
@@ -178,7 +199,7 @@ def ctrl_c_after_saving():
 
 def fit(model: nn.Module, train_ds: Dataset, val_ds: Dataset, loss_fn: LossFn, args: argparse.Namespace,
         config: dict, run_name: str, save_best: Callable[[], None], precision: Precision,
-        cuda_graphs: bool = False, objective: Objective = CLASSIFY) -> dict:
+        cuda_graphs: bool = False, objective: Objective = CLASSIFY, loss_name: str | None = None) -> dict:
     """Train `objective` for args.epochs under `precision`, evaluating on val_ds after each epoch.
 
     No step waits for the device: loss, accuracy, the first non-finite loss and the steps the fp16 loss scaler
@@ -186,7 +207,7 @@ def fit(model: nn.Module, train_ds: Dataset, val_ds: Dataset, loss_fn: LossFn, a
     (train_step.FixedShapeStep), graphed on CUDA (not with fp16, which it cannot scale); its loss must ignore
     label -100 (CLASSIFY only). After every epoch: metrics.json, the curves (report.plot_curves), save_best() and
     the dev predictions if the epoch is the best so far (objective.select), and a resumable checkpoint (trainable weights, optimizer, scheduler, loss
-    scaler, RNG). Returns the metrics dict.
+    scaler, RNG). loss_name: what loss_fn is, recorded in metrics.json for the curves. Returns the metrics dict.
     """
     device = next(model.parameters()).device
     out_dir, plots_dir = Path(args.out_dir), Path(args.plots_dir)
@@ -209,11 +230,11 @@ def fit(model: nn.Module, train_ds: Dataset, val_ds: Dataset, loss_fn: LossFn, a
         scheduler.load_state_dict(state["scheduler"])
         if scaler.is_enabled():
             scaler.load_state_dict(state["scaler"])  # its scale and growth tracker, where the run stopped
-        torch.set_rng_state(tensors["rng.cpu"])
-        if device.type == "cuda":
-            torch.cuda.set_rng_state(tensors["rng.cuda"], device)
+        restore_rng_states(tensors, device, ckpt_path)
         metrics = {**state["metrics"], "config": config}  # the config as this version records it
         print(f"resumed from {ckpt_path} after epoch {len(metrics['epochs'])}")
+    if loss_name is not None:  # what the training loss is, for the curves' label (report.py); also on a resumed
+        metrics["loss_name"] = loss_name  # run written before it was recorded
 
     running = RunningMetrics(device)
     if cuda_graphs and device.type == "cuda" and not precision.loss_scaling and objective is CLASSIFY:
@@ -272,9 +293,7 @@ def fit(model: nn.Module, train_ds: Dataset, val_ds: Dataset, loss_fn: LossFn, a
             tensors = {f"model.{k}": p for k, p in trainable.items()}
             opt_tensors, opt_meta = optimizer_tensors(optimizer)
             tensors.update(opt_tensors)
-            tensors["rng.cpu"] = torch.get_rng_state()
-            if device.type == "cuda":
-                tensors["rng.cuda"] = torch.cuda.get_rng_state(device)
+            tensors.update(rng_states(device))
             save_checkpoint(ckpt_path, tensors, {"config": config, "optimizer": opt_meta,
                                                  "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
                                                  "metrics": metrics})
