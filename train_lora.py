@@ -103,7 +103,8 @@ def train(args: argparse.Namespace) -> dict:
         loss_fn = lambda logits, batch: F.cross_entropy(logits, batch.labels)
     metrics = fit(model, data["train"], data["dev"], loss_fn, args, config, run_name(args.out_dir),
                   lambda: save_adapter(model, args.out_dir, adapter_config), precision,
-                  cuda_graphs=args.cuda_graphs, objective=OBJECTIVES[args.objective])
+                  cuda_graphs=args.cuda_graphs, objective=OBJECTIVES[args.objective],
+                  loss_name="LM: next-token cross-entropy, mean over tokens" if lm else None)
 
     load_adapter(model, args.out_dir)  # the best epoch, not the last
     out, plots = Path(args.out_dir), Path(args.plots_dir)

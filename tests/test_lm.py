@@ -106,6 +106,7 @@ def test_lm_run_records_loss_and_perplexity_and_keeps_the_lowest_dev_loss(lm_run
     out, metrics, printed = lm_run
     m = json.loads((out / METRICS).read_text())
     assert m["config"]["objective"] == "lm"
+    assert m["loss_name"].startswith("LM: next-token cross-entropy")  # the run names its own loss
     assert json.loads((out / "adapter_config.json").read_text())["objective"] == "lm"
     assert [e["epoch"] for e in m["epochs"]] == [1, 2]
     for e in m["epochs"]:
