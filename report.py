@@ -2,7 +2,10 @@
 
     python report.py runs/lora_* runs/rnn_* runs/distil_*     # plots/comparison.md and plots/comparison.png
     python report.py runs/* --name all                        # plots/all.{md,png}; runs/cache is skipped
-    python report.py --curves runs/distil                     # redraw plots/distil_{loss,accuracy}.png
+    python report.py --curves runs/distil                     # redraw runs/distil/{loss,accuracy}.png
+
+A run's own files (its curves, a student's comparison with its teacher) live in its run directory; plots/ holds
+only what report.py is asked to write there (--plots_dir, --name).
 
 Runs whose configs differ only in --seed (and --cache_dir, where teacher logits are cached) form a group. Each
 group is reported as mean ± sample standard deviation over its seeds, with a 95% bootstrap confidence interval
@@ -112,17 +115,17 @@ def curve_figures(metrics: dict, name: str) -> dict[str, object]:
     return {"loss": loss_fig, "accuracy": acc_fig}
 
 
-def curve_path(plots_dir: str | Path, name: str, kind: str) -> Path:
-    """plots_dir/{name}_{kind}.png, kind "loss" or "accuracy"."""
-    return Path(plots_dir) / f"{name}_{kind}.png"
+def curve_path(run_dir: str | Path, kind: str) -> Path:
+    """run_dir/{kind}.png, kind "loss" or "accuracy": inside the run, so no other run's curves replace them."""
+    return Path(run_dir) / f"{kind}.png"
 
 
-def plot_curves(metrics: dict, name: str, plots_dir: Path) -> list[Path]:
-    """plots_dir/{name}_loss.png and {name}_accuracy.png (see curve_figures); name: the run directory's name."""
+def plot_curves(metrics: dict, name: str, run_dir: Path) -> list[Path]:
+    """run_dir/loss.png and run_dir/accuracy.png (see curve_figures); name: the run directory's name, in titles."""
     plt = _pyplot()
     paths = []
     for kind, fig in curve_figures(metrics, name).items():
-        paths.append(curve_path(plots_dir, name, kind))
+        paths.append(curve_path(run_dir, kind))
         fig.savefig(paths[-1], dpi=120)
         plt.close(fig)
     return paths
@@ -391,7 +394,8 @@ def plot_report(report: list[dict], path: Path) -> Path:
 
 
 def comparison_paths(plots_dir: str | Path, name: str) -> tuple[Path, Path]:
-    """plots_dir/{name}.md and {name}.png: report.py's --name, or train_distil.py's comparison_{run name}."""
+    """plots_dir/{name}.md and {name}.png: report.py's --plots_dir and --name, or a student run's own
+    run_dir/comparison.{md,png}."""
     return Path(plots_dir) / f"{name}.md", Path(plots_dir) / f"{name}.png"
 
 
@@ -431,21 +435,22 @@ def main() -> None:
     p = ArgumentParser(description=__doc__)
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR",
                    help="train_lora.py / train_distil.py --out_dir; folders without metrics.json are skipped")
-    p.add_argument("--plots_dir", default="plots", help="where the comparison (or, with --curves, the curves) go")
+    p.add_argument("--plots_dir", default="plots", help="where the comparison goes")
     p.add_argument("--name", default="comparison", help="file stem of the comparison: plots_dir/NAME.md and NAME.png")
     p.add_argument("--curves", action="store_true",
-                   help="redraw each run's loss and accuracy curves from its metrics.json instead")
+                   help="redraw each run's loss and accuracy curves from its metrics.json instead, in its own "
+                        "directory (RUN_DIR/loss.png, RUN_DIR/accuracy.png)")
     args = p.parse_args()
 
     def run() -> None:
-        check_writable(args.plots_dir, "--plots_dir")
         dirs = run_dirs_only(args.run_dirs)
         if args.curves:
             for d in dirs:
                 metrics = read_json(d / METRICS, "not a run directory")
-                for path in plot_curves(metrics, run_name(d), Path(args.plots_dir)):
+                for path in plot_curves(metrics, run_name(d), check_writable(d, "RUN_DIR")):
                     print(f"wrote {path}")
             return
+        check_writable(args.plots_dir, "--plots_dir")
         text, _ = compare(dirs, args.plots_dir, args.name)
         print(text)
         print(f"wrote {' and '.join(map(str, comparison_paths(args.plots_dir, args.name)))}")

@@ -5,9 +5,8 @@
     python train_distil.py --mode distil               # distilled student, into runs/distil
 
 Writes out_dir/metrics.json, the best epoch's student (student.safetensors + student_config.json) and
-predictions (predictions.json), a resumable checkpoint, and in plots_dir the curves {name}_{loss,accuracy}.png
-and comparison_{name}.{md,png} of this run and its teacher, where name is out_dir's last part (rnn for
-runs/rnn): each run's comparison has a name of its own (report.py compares more runs).
+predictions (predictions.json), a resumable checkpoint, the curves {loss,accuracy}.png and comparison.{md,png}
+of this run and its teacher, all in out_dir: no other run replaces them (report.py compares more runs, into plots/).
 """
 
 from __future__ import annotations
@@ -167,10 +166,10 @@ def train(args: argparse.Namespace) -> dict:
                                                    precision)
         print(f"student agrees with the teacher on {metrics['teacher_agreement_dev']:.1%} of dev")
     write_json(out_dir / METRICS, metrics)
-    comparison = compare_runs(args, out_dir, name)
+    comparison = compare_runs(args, out_dir)
     print_outputs(metrics=[out_dir / METRICS, out_dir / PREDICTIONS], weights=[out_dir / STUDENT_WEIGHTS, out_dir / STUDENT_CONFIG],
                   checkpoint=[out_dir / CHECKPOINT],
-                  plots=[*(report.curve_path(args.plots_dir, name, k) for k in ("accuracy", "loss")), *comparison])
+                  plots=[*(report.curve_path(out_dir, k) for k in ("accuracy", "loss")), *comparison])
     return metrics
 
 
@@ -183,19 +182,19 @@ def check_teacher_unchanged(args: argparse.Namespace, fingerprint: str) -> None:
                         f"{args.teacher} (retrained since?); start afresh without --resume")
 
 
-def compare_runs(args: argparse.Namespace, out_dir: Path, name: str) -> tuple[Path, Path]:
+def compare_runs(args: argparse.Namespace, out_dir: Path) -> tuple[Path, Path]:
     """report.py's comparison of this run and its teacher (when the run used it and it saved predictions), and
     nothing else: runs that merely lie beside out_dir may have been made with other data or another teacher.
-    Written to plots_dir/comparison_{name}.{md,png}, so that the rnn and the distil run do not overwrite each
-    other's. Returns those two paths."""
+    Written to out_dir/comparison.{md,png}: a run's comparison is its own, and no other run replaces it.
+    Returns those two paths."""
     dirs = [out_dir]
     try:
         report.load_run(args.teacher)
         dirs.insert(0, Path(args.teacher))
     except UserError as e:
         print(f"not comparing with the teacher: {e}")
-    table, _ = report.compare(dirs, args.plots_dir, f"comparison_{name}")
-    paths = report.comparison_paths(args.plots_dir, f"comparison_{name}")
+    table, _ = report.compare(dirs, out_dir, "comparison")
+    paths = report.comparison_paths(out_dir, "comparison")
     print(table)
     print(f"comparison written to {paths[0]} and {paths[1]}; to compare with other runs (the other student, more "
           f"seeds): python report.py {' '.join(map(str, dirs))} OTHER_RUN_DIRS")

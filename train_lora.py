@@ -5,7 +5,7 @@
 
 Writes out_dir/metrics.json, the best epoch's adapter (out_dir/adapter.safetensors + adapter_config.json)
 and dev/out-of-domain predictions (predictions.json), a resumable checkpoint, and the curves
-plots_dir/{name}_{loss,accuracy}.png, where name is out_dir's last part (lora for runs/lora).
+out_dir/{loss,accuracy}.png: a run's files are all in its out_dir, where no other run writes.
 """
 
 from __future__ import annotations
@@ -82,9 +82,9 @@ def train(args: argparse.Namespace) -> dict:
     if args.export_peft:
         export_peft(model, adapter_config, args.export_peft)
         print(f"PEFT adapter written to {args.export_peft}")
-    out, plots = Path(args.out_dir), Path(args.plots_dir)
+    out = Path(args.out_dir)
     print_outputs(metrics=[out / METRICS, out / PREDICTIONS], weights=[out / ADAPTER_WEIGHTS, out / ADAPTER_CONFIG],
-                  checkpoint=[out / CHECKPOINT], plots=[curve_path(plots, run_name(out), k) for k in ("accuracy", "loss")])
+                  checkpoint=[out / CHECKPOINT], plots=[curve_path(out, k) for k in ("accuracy", "loss")])
     return metrics
 
 

@@ -129,7 +129,7 @@ main() {  # the steps; their output goes to the terminal and $LOGS/gpu_check.log
   run checkpoint 120 $PY -c "import sys; sys.path.insert(0, 'bench'); from common import checkpoint; print(
     checkpoint('$SHAPE', '$BENCH_CACHE'))"
 
-  LORA=(--gpt_variant "$CKPT" --data_dir "$DATA" --plots_dir "$WORK/plots" "${SMALL[@]}")
+  LORA=(--gpt_variant "$CKPT" --data_dir "$DATA" "${SMALL[@]}")
   run lora_graphs 90 $PY train_lora.py "${LORA[@]}" --out_dir "$WORK/lora_graphs" --cuda_graphs \
     && run_note lora_graphs "$WORK/lora_graphs"
   run lora_eager 150 $PY train_lora.py "${LORA[@]}" --out_dir "$WORK/lora_eager" \
@@ -151,7 +151,7 @@ main() {  # the steps; their output goes to the terminal and $LOGS/gpu_check.log
   TEACHER=$WORK/lora_graphs; [ -f "$TEACHER/metrics.json" ] || TEACHER=$WORK/lora_eager
   if [ -f "$TEACHER/metrics.json" ]; then
     run distil 90 $PY train_distil.py --mode distil --teacher "$TEACHER" --data_dir "$DATA" "${SMALL[@]}" \
-      --out_dir "$WORK/distil" --cache_dir "$WORK/cache" --plots_dir "$WORK/plots" && run_note distil "$WORK/distil"
+      --out_dir "$WORK/distil" --cache_dir "$WORK/cache" && run_note distil "$WORK/distil"
   else
     printf 'distil\t-\tskipped: no teacher (both train_lora.py runs failed)\n' >>"$SUMMARY"; FAILED=1
   fi

@@ -119,7 +119,7 @@ def test_offline_the_first_failure_names_every_missing_input(tmp_path):
     (tmp_path / "empty").mkdir()
     out = tmp_path / "runs" / "lora"
     r = cli("train_lora.py", "--gpt_variant", str(tmp_path / "ckpt"), "--data_dir", str(tmp_path / "data"),
-            "--out_dir", str(out), "--plots_dir", str(tmp_path / "plots"), "--device", "cpu",
+            "--out_dir", str(out), "--device", "cpu",
             env={**OFFLINE, "TIKTOKEN_CACHE_DIR": str(tmp_path / "empty")})
     line = error_line(r)
     assert line.startswith('error: 3 inputs are missing (README.md, section "Offline"'), line
@@ -133,7 +133,7 @@ def test_rnn_mode_with_a_mistyped_teacher_blames_the_teacher(cola_dir, tmp_path)
     """Without --gpt_variant the student's base comes from --teacher: a --teacher that holds no run is named,
     not the default gpt2-medium that would otherwise be tried."""
     r = cli("train_distil.py", "--mode", "rnn", "--teacher", str(tmp_path / "runs" / "lroa"), "--data_dir",
-            str(cola_dir), "--out_dir", str(tmp_path / "rnn"), "--plots_dir", str(tmp_path / "plots"))
+            str(cola_dir), "--out_dir", str(tmp_path / "rnn"))
     line = error_line(r)
     assert f"--teacher {tmp_path / 'runs' / 'lroa'} holds no train_lora.py run" in line and "--gpt_variant" in line
     assert "gpt2-medium" not in line, line
@@ -193,7 +193,7 @@ def interrupt(p: subprocess.Popen, log: Path) -> str:
 
 
 def test_ctrl_c_in_epoch_1_says_nothing_was_saved(tiny_gpt2, cola_dir, tmp_path):
-    out = tmp_path / "new" / "lora"  # lora_args puts the plots beside it, in new/plots
+    out = tmp_path / "new" / "lora"
     p = start("train_lora.py", lora_args(tiny_gpt2, cola_dir, out, rows=LORA_ROWS, epochs=3), tmp_path / "log")
     for line in p.stdout:  # the last line before the training loop starts
         if "sentences" in line:
@@ -201,7 +201,7 @@ def test_ctrl_c_in_epoch_1_says_nothing_was_saved(tiny_gpt2, cola_dir, tmp_path)
     line = interrupt(p, tmp_path / "log")
     assert not (out / CHECKPOINT).exists()
     assert "nothing was saved" in line and "--resume" not in line, line
-    assert not (tmp_path / "new").exists()  # the run created new/, new/lora and new/plots, and left them empty
+    assert not (tmp_path / "new").exists()  # the run created new/ and new/lora, and left them empty
 
 
 def test_ctrl_c_after_epoch_1_names_the_saved_epoch_and_resume_continues(lora_ref, tiny_gpt2, cola_dir, tmp_path):
@@ -276,7 +276,7 @@ def test_train_lora_ends_by_naming_its_outputs(finished):
     assert named["metrics"] == [out / METRICS, out / PREDICTIONS]
     assert named["weights"] == [out / "adapter.safetensors", out / "adapter_config.json"]
     assert named["checkpoint"] == [out / CHECKPOINT]
-    assert named["plots"] == sorted((out.parent / "plots").glob("lora_*.png")) and len(named["plots"]) == 2
+    assert named["plots"] == [out / "accuracy.png", out / "loss.png"]  # in the run: no other run replaces them
     assert all(p.is_file() for paths in named.values() for p in paths)
 
 
@@ -286,7 +286,7 @@ def test_train_distil_ends_by_naming_its_outputs(cola_dir, tmp_path):
     named = named_outputs(r.stdout)
     assert named["metrics"] == [out / METRICS, out / PREDICTIONS]
     assert named["weights"] == [out / "student.safetensors", out / "student_config.json"]
-    assert {p.name for p in named["plots"]} >= {"rnn_loss.png", "rnn_accuracy.png", "comparison_rnn.png"}
+    assert named["plots"] == [out / "accuracy.png", out / "loss.png", out / "comparison.md", out / "comparison.png"]
     assert all(p.is_file() for paths in named.values() for p in paths)
 
 
@@ -331,8 +331,10 @@ def git(*args: str) -> subprocess.CompletedProcess:
 
 @pytest.mark.skipif(git("rev-parse", "--git-dir").returncode != 0, reason="not a git checkout")
 def test_generated_outputs_are_ignored_and_plots_readme_is_not():
-    generated = ["plots/lora_loss.png", "plots/rnn_accuracy.png", "plots/comparison.png", "plots/comparison.md",
-                 "runs/lora/metrics.json", "data/cola_public_1.1.zip"]
+    generated = ["plots/comparison.png", "plots/comparison.md", "runs/lora/metrics.json", "runs/rnn/loss.png",
+                 "data/cola_public_1.1.zip",  # and what the quick start creates:
+                 ".venv/bin/python", "ckpt/gpt2/model.safetensors", "cola/cola_public/raw/in_domain_train.tsv",
+                 "tiktoken/6d1cbeee0f20b3d9449abfede4726ed8212e3aee"]
     assert git("check-ignore", "--no-index", *generated).stdout.split() == generated
     assert git("check-ignore", "--no-index", "plots/README.md").returncode == 1  # tracked, and not ignored
 

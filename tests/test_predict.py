@@ -61,7 +61,7 @@ def runs(gpt2_128, cola_dir, tmp_path_factory) -> dict[str, Path]:
     dev is sampled too, so predictions.json holds only those rows."""
     out = tmp_path_factory.mktemp("runs")
     common = ["--gpt_variant", str(gpt2_128), "--data_dir", str(cola_dir), "--max_train_samples", "64",
-              "--max_eval_samples", "80", "--epochs", "1", "--plots_dir", str(out / "plots"), "--device", "cpu"]
+              "--max_eval_samples", "80", "--epochs", "1", "--device", "cpu"]
     r = script("train_lora.py", *common, "--out_dir", str(out / "lora"))
     assert r.returncode == 0, r.stderr[-3000:]
     r = script("train_distil.py", "--mode", "rnn", "--hidden_size", "16", *common, "--out_dir", str(out / "rnn"),
