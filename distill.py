@@ -43,6 +43,11 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: 
     return alpha * soft + (1 - alpha) * hard
 
 
+def kd_loss_name(temperature: float, alpha: float) -> str:
+    """kd_loss with the run's own T and alpha: the label of its training-loss curve."""
+    return f"KD loss: {alpha:g} T² KL + {1 - alpha:g} CE, T = {temperature:g}"
+
+
 def make_kd_loss(teacher_logits: torch.Tensor, temperature: float, alpha: float):
     """The training loss for trainer.fit: looks up each row's cached teacher logits by its dataset index. The
     table is copied to the student's device once, at its first batch, not every step."""

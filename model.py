@@ -312,7 +312,7 @@ def hub_files(name: str) -> tuple[Path, list[Path]]:
     if config and weights:
         return config, [weights]
     if constants.HF_HUB_OFFLINE:
-        raise hub_error(name, "it is not in the Hugging Face cache, and HF_HUB_OFFLINE is set")
+        raise hub_error(name, "it is not in the Hugging Face cache, and HF_HUB_OFFLINE is set", offline=True)
     try:
         get_hf_file_metadata(hf_hub_url(name, "config.json"), timeout=HUB_TIMEOUT)  # one request, no retries
         config = Path(hf_hub_download(name, "config.json", etag_timeout=HUB_TIMEOUT))
@@ -328,11 +328,13 @@ def hub_files(name: str) -> tuple[Path, list[Path]]:
         raise hub_error(name, f"it is not in the Hugging Face cache, and the hub did not answer ({first_line(e)})")
 
 
-def hub_error(name: str, why: str) -> UserError:
+def hub_error(name: str, why: str, offline: bool = False) -> UserError:
+    """offline: HF_HUB_OFFLINE is already set, so the message does not advise setting it."""
+    cache = ("" if offline else "; or, with the weights in the Hugging Face cache, set HF_HUB_OFFLINE=1 so that "
+             "the network is never tried")
     return UserError(f"could not load GPT-2 weights '{name}': {why}. Offline, pass a local directory instead: "
                      "--gpt_variant /path/to/checkpoint (made by transformers' save_pretrained, or a copy of the "
-                     "hub's files); or, with the weights in the Hugging Face cache, set HF_HUB_OFFLINE=1 so that "
-                     f"the network is never tried{OFFLINE_HINT}")
+                     f"hub's files){cache}{OFFLINE_HINT}")
 
 
 def first_line(e: BaseException) -> str:

@@ -39,6 +39,8 @@ def _pyplot():
     return plt
 
 
+CE_LOSS = "cross-entropy"  # metrics["loss_name"] of a run trained on the gold labels alone
+LEGACY_KD_LOSS = "KD loss: alpha T² KL + (1 - alpha) CE"  # the train loss of a distil run that recorded no name
 MIN_SPAN = {"loss": 0.2, "accuracy": 0.1, "mcc": 0.2}  # smallest y-range of a curve panel (see _honest_zoom)
 
 
@@ -55,8 +57,10 @@ def curve_figures(metrics: dict, name: str) -> dict[str, object]:
     """{"loss": Figure, "accuracy": Figure} of one run's per-epoch records; `name` (the run directory's name)
     heads every panel.
 
-    Loss: train and dev cross-entropy against the gold labels beside the class-prior loss. In distil mode the
-    train loss is the KD loss (alpha T^2 KL + (1 - alpha) CE), another quantity: it gets a panel of its own.
+    Loss: train and dev cross-entropy against the gold labels beside the class-prior loss. A run whose train loss
+    is another quantity (metrics["loss_name"], recorded by the run: a distillation loss) gets a panel of its own
+    for it, labelled with that name; a run recorded before the name was gets CE_LOSS, or LEGACY_KD_LOSS in
+    distil mode.
     Accuracy: accuracy beside the majority baseline, and MCC on its own axis beside 0. The baseline is drawn
     under the dev curve, so a collapsed run (dev accuracy = baseline) stays visible, its epochs marked in red.
     The kept epoch (best dev MCC) is a vertical line on every panel; no panel spans less than MIN_SPAN.
@@ -66,14 +70,15 @@ def curve_figures(metrics: dict, name: str) -> dict[str, object]:
     epochs = [r["epoch"] for r in hist]
     majority, prior = metrics["majority_baseline"]["val_acc"], metrics["majority_baseline"]["val_loss"]
     collapsed = [r for r in hist if r["val_collapsed"]]
-    distil = metrics["config"].get("mode") == "distil"
+    loss_name = metrics.get("loss_name") or (LEGACY_KD_LOSS if metrics["config"].get("mode") == "distil" else CE_LOSS)
+    distil = loss_name != CE_LOSS  # the train loss is not the dev loss's quantity: a panel of its own
 
     loss_fig, axes = plt.subplots(1, 2 if distil else 1, figsize=(11 if distil else 6, 4), squeeze=False)
     if distil:
         kd = axes[0, 0]
-        kd.plot(epochs, [r["train_loss"] for r in hist], marker="o", color="C2", label="train KD loss")
-        kd.set_title(f"{name}: train KD loss (teacher soft targets + labels)")
-        kd.set_ylabel("KD loss: alpha T² KL + (1 - alpha) CE")
+        kd.plot(epochs, [r["train_loss"] for r in hist], marker="o", color="C2", label="train")
+        kd.set_title(f"{name}: train loss")
+        kd.set_ylabel(loss_name)
     ce = axes[0, -1]
     if not distil:
         ce.plot(epochs, [r["train_loss"] for r in hist], marker="o", label="train", zorder=3)
@@ -106,7 +111,10 @@ def curve_figures(metrics: dict, name: str) -> dict[str, object]:
     for ax in (*axes.flat, acc, mcc):
         if best is not None:
             ax.axvline(best, color="C1", alpha=0.35, linewidth=6, zorder=0, label=f"kept: epoch {best} (best dev MCC)")
-        ax.xaxis.get_major_locator().set_params(integer=True)
+        if epochs[-1] - epochs[0] < 10:  # matplotlib's integer locator gives up below 2 integers (0.96 ... 1.04)
+            ax.set_xticks(range(epochs[0], epochs[-1] + 1))
+        else:
+            ax.xaxis.get_major_locator().set_params(integer=True)
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)

@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 
 import report
 from data import ensure_cola, get_encoder, load_cola, sample_record
-from distill import agreement, augment, make_kd_loss, teacher_fingerprint, teacher_logits
+from distill import agreement, augment, kd_loss_name, make_kd_loss, teacher_fingerprint, teacher_logits
 from errors import UserError
 from lora import ADAPTER_CONFIG, parameter_summary, read_adapter_config
 from model import DEFAULT_VARIANT, GPT, STUDENT_CONFIG, STUDENT_WEIGHTS, DistilRNN, find_weights, variant_id
@@ -144,8 +144,10 @@ def train(args: argparse.Namespace) -> dict:
         logits = teacher_logits(args.teacher, {"train": train_set, "dev": data["dev"]}, args.cache_dir,
                                 args.eval_batch_size, device, precision, base=base if same_base else None)
         loss_fn = make_kd_loss(logits["train"], args.temperature, args.alpha)
+        loss_name = kd_loss_name(args.temperature, args.alpha)
     else:
         loss_fn = lambda out, batch: F.cross_entropy(out, batch.labels)  # noqa: E731
+        loss_name = report.CE_LOSS
     del base  # the student holds its own copy of wte
     print(f"train {len(train_set)} sentences, dev {len(data['dev'])}")
 
@@ -158,7 +160,8 @@ def train(args: argparse.Namespace) -> dict:
 
     config["data"] = sample_record(data)
     name = run_name(out_dir)
-    metrics = fit(student, train_set, data["dev"], loss_fn, args, config, name, save_best, precision)
+    metrics = fit(student, train_set, data["dev"], loss_fn, args, config, name, save_best, precision,
+                  loss_name=loss_name)
     student.load_state_dict(load_file(str(out_dir / STUDENT_WEIGHTS)))  # the best epoch, not the last
     report_ood(metrics, student, data["ood_dev"], args.eval_batch_size, device, precision, out_dir)
     if args.mode == "distil":

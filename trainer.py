@@ -26,7 +26,7 @@ from errors import UserError
 from metrics import describe, evaluate, prior_loss
 from optim import AdamW
 from precision import Precision
-from report import plot_curves
+from report import CE_LOSS, plot_curves
 from train_step import EagerStep, FixedShapeStep, RunningMetrics
 
 SYNC_EVERY = 50  # steps between reads of the device-side metrics (progress bar, non-finite loss check)
@@ -131,7 +131,7 @@ def ctrl_c_after_saving():
 
 def fit(model: nn.Module, train_ds: Dataset, val_ds: Dataset, loss_fn: LossFn, args: argparse.Namespace,
         config: dict, run_name: str, save_best: Callable[[], None], precision: Precision,
-        cuda_graphs: bool = False) -> dict:
+        cuda_graphs: bool = False, loss_name: str = CE_LOSS) -> dict:
     """Train for args.epochs under `precision`, evaluating on val_ds after each epoch.
 
     No step waits for the device: loss, accuracy, the first non-finite loss and the steps the fp16 loss scaler
@@ -139,7 +139,8 @@ def fit(model: nn.Module, train_ds: Dataset, val_ds: Dataset, loss_fn: LossFn, a
     (train_step.FixedShapeStep), graphed on CUDA (not with fp16, which it cannot scale); its loss must ignore
     label -100. After every epoch: metrics.json, the curves in out_dir (report.plot_curves), save_best() and the dev
     predictions if dev MCC improved, and a resumable checkpoint (trainable weights, optimizer, scheduler, loss
-    scaler, RNG). Returns the metrics dict.
+    scaler, RNG). loss_name: what loss_fn computes, recorded in metrics.json for the curves' label (report.py).
+    Returns the metrics dict.
     """
     device = next(model.parameters()).device
     out_dir = Path(args.out_dir)
@@ -147,7 +148,7 @@ def fit(model: nn.Module, train_ds: Dataset, val_ds: Dataset, loss_fn: LossFn, a
     optimizer = make_optimizer(model, args.lr, args.weight_decay)
     steps_per_epoch = num_batches(train_ds, args.batch_size)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_linear(args.epochs * steps_per_epoch, args.warmup_ratio))
-    metrics = {"config": config, "majority_baseline": {"val_acc": val_ds.majority_acc, "val_loss": prior_loss(val_ds)},
+    metrics = {"config": config, "loss_name": loss_name, "majority_baseline": {"val_acc": val_ds.majority_acc, "val_loss": prior_loss(val_ds)},
                "epochs": [], "best_epoch": None, "best": None}
 
     scaler = precision.make_scaler()
@@ -166,7 +167,7 @@ def fit(model: nn.Module, train_ds: Dataset, val_ds: Dataset, loss_fn: LossFn, a
         torch.set_rng_state(tensors["rng.cpu"])
         if device.type == "cuda":
             torch.cuda.set_rng_state(tensors["rng.cuda"], device)
-        metrics = {**state["metrics"], "config": config}  # the config as this version records it
+        metrics = {**state["metrics"], "config": config, "loss_name": loss_name}  # as this version records them
         print(f"resumed from {ckpt_path} after epoch {len(metrics['epochs'])}")
 
     running = RunningMetrics(device)

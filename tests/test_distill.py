@@ -422,6 +422,8 @@ def test_train_distil_end_to_end(lora_teacher, cola_dir, cola, mode, extra):
     for key in ("train_loss", "train_acc", "val_loss", "val_acc", "val_mcc"):
         assert all(math.isfinite(e[key]) for e in m["epochs"]), key
     assert m["best_epoch"] in (1, 2) and m["config"]["mode"] == mode and "ood_dev" in m
+    # the curves' train-loss label, from the run's own loss and its T and alpha (defaults 2 and 0.7)
+    assert m["loss_name"] == ("KD loss: 0.7 T² KL + 0.3 CE, T = 2" if mode == "distil" else "cross-entropy")
     labels = [cola["dev"].labels[i] for i in stratified_sample(cola["dev"].labels, 80)]
     pos = sum(labels) / 80
     assert m["majority_baseline"]["val_acc"] == pytest.approx(max(pos, 1 - pos))

@@ -369,12 +369,33 @@ def test_curves_separate_loss_accuracy_and_mcc(mode):
     loss_axes = figs["loss"].axes
     if mode == "distil":
         kd, ce = loss_axes
-        assert "KD" in kd.get_title() and "KD" in kd.get_ylabel()
-        assert labels_of(kd) == ["train KD loss"]  # alone: no dev cross-entropy, no class-prior line
+        assert kd.get_title() == "run: train loss" and kd.get_ylabel() == report.LEGACY_KD_LOSS  # no loss_name
+        assert labels_of(kd) == ["train"]  # alone: no dev cross-entropy, no class-prior line
         assert "train" not in " ".join(labels_of(ce)) and any("prior" in s for s in labels_of(ce))
     else:
         (ce,) = loss_axes
         assert "KD" not in ce.get_title() and {"train", "dev"} <= set(labels_of(ce))
+
+
+def test_the_train_loss_label_comes_from_the_run():
+    """metrics["loss_name"] labels the train loss's own panel; the label is not hard-coded for a mode."""
+    m = {**curve_metrics("distil", collapsed=False), "loss_name": "KD loss: 0.5 T² KL + 0.5 CE, T = 4"}
+    kd, _ = report.curve_figures(m, "run")["loss"].axes
+    assert kd.get_ylabel() == "KD loss: 0.5 T² KL + 0.5 CE, T = 4"
+    m = {**curve_metrics("rnn", collapsed=False), "loss_name": "mse"}  # any mode: a loss other than CE
+    kd, ce = report.curve_figures(m, "run")["loss"].axes
+    assert kd.get_ylabel() == "mse" and labels_of(kd) == ["train"] and "train" not in labels_of(ce)
+    (ce,) = report.curve_figures({**m, "loss_name": report.CE_LOSS}, "run")["loss"].axes
+    assert "train" in labels_of(ce)
+
+
+def test_a_one_epoch_run_has_integer_epoch_ticks():
+    m = curve_metrics("rnn", collapsed=False)
+    m["epochs"], m["best_epoch"] = m["epochs"][:1], 1
+    for fig in report.curve_figures(m, "run").values():
+        fig.canvas.draw()
+        for ax in fig.axes:
+            assert [t.get_text() for t in ax.get_xticklabels()] == ["1"]
 
 
 def test_a_collapsed_dev_curve_is_drawn_over_its_baseline_and_marked():
