@@ -74,7 +74,7 @@ def load_teacher(run_dir: Path, base: str | None) -> GPT:
     except UserError as e:
         raise UserError(f"{run_dir}'s base GPT-2 cannot be loaded; pass a local copy with predict.py --base DIR "
                         f"({e})") from None
-    model, _ = build_lora_classifier(run_dir, gpt)
+    model, _ = build_lora_classifier(run_dir, gpt, variant)
     merge_lora(model)
     return model
 

@@ -10,6 +10,7 @@ Run it to generate text:  python model.py --gpt_variant gpt2 --prompt "The cat"
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import zipfile
@@ -295,6 +296,25 @@ def checkpoint_files(name_or_path: str) -> tuple[Path, list[Path]]:
                 raise UserError(f"{index} is not a checkpoint index (a JSON weight_map)") from None
             return path / "config.json", [path / shard for shard in shards]
     raise UserError(f"{path} holds no {' or '.join(WEIGHT_FILES)}: it has a config.json but no weights")
+
+
+FINGERPRINT_SLICE = 1 << 16  # bytes read at each of three places of each weight file
+
+
+def base_fingerprint(name_or_path: str) -> str:
+    """Identifies a GPT-2's exact weights, cheaply: each weight file's size and a SHA-256 of three 64 KiB slices
+    of it (its start, middle and end: tensor data, where two checkpoints of one shape differ), not a hash of the
+    whole file (1.4 GB for gpt2-medium). A LoRA adapter records its base's, so that it is never loaded onto
+    another GPT-2 of the same shape (it would run, and predict something else)."""
+    h = hashlib.sha256()
+    for path in checkpoint_files(name_or_path)[1]:
+        size = path.stat().st_size
+        h.update(f"{size}:".encode())
+        with open(path, "rb") as f:
+            for offset in (0, size // 2, max(0, size - FINGERPRINT_SLICE)):
+                f.seek(offset)
+                h.update(f.read(FINGERPRINT_SLICE))
+    return h.hexdigest()[:16]
 
 
 def hub_files(name: str) -> tuple[Path, list[Path]]:

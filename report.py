@@ -223,6 +223,13 @@ def make_groups(runs: list[Run]) -> list[Group]:
         if twin:  # a copied run would count twice and shrink the std
             raise UserError(f"{twin.path} and {r.path} are runs of the same config and seed; give each run once")
         by_key.setdefault(group_key(r), []).append(r)
+    for rs in by_key.values():  # one base name, two sets of weights (a checkpoint directory replaced in between)
+        prints = {r.metrics["base_fingerprint"]: r for r in rs if r.metrics.get("base_fingerprint")}
+        if len(prints) > 1:
+            a, b = list(prints.values())[:2]
+            raise UserError(f"{a.path} and {b.path} have one config but were trained on different base weights "
+                            f"(base_fingerprint in their {METRICS}): the base GPT-2 changed between them; they "
+                            "are not seeds of one recipe")
     groups = []
     for kind in sorted({r.kind for r in runs}, key=lambda k: KINDS.index(k) if k in KINDS else len(KINDS)):
         members = [rs for rs in by_key.values() if rs[0].kind == kind]

@@ -24,7 +24,8 @@ from data import ensure_cola, get_encoder, load_cola, sample_record
 from distill import agreement, augment, kd_loss_name, make_kd_loss, teacher_fingerprint, teacher_logits
 from errors import UserError
 from lora import ADAPTER_CONFIG, parameter_summary, read_adapter_config
-from model import DEFAULT_VARIANT, GPT, STUDENT_CONFIG, STUDENT_WEIGHTS, DistilRNN, find_weights, variant_id
+from model import (DEFAULT_VARIANT, GPT, STUDENT_CONFIG, STUDENT_WEIGHTS, DistilRNN, base_fingerprint, find_weights,
+                   variant_id)
 from cli import (CHECKPOINT, METRICS, PREDICTIONS, ArgumentParser, add_common_args, check_inputs, dropout_float,
                  nonneg_int, pick_hardware, positive_float, positive_int, prepare_outputs, print_outputs, run_cli,
                  complete_config, run_config, run_name, unit_float)
@@ -120,6 +121,8 @@ def train(args: argparse.Namespace) -> dict:
         config["teacher_fingerprint"] = teacher_fingerprint(args.teacher)
         if args.resume:
             check_teacher_unchanged(args, config["teacher_fingerprint"])
+    fingerprint = base_fingerprint(args.gpt_variant) if args.init_embeddings == "gpt2" else None
+    note_other_base(args, fingerprint)
     torch.manual_seed(args.seed)
     data = load_cola(args.data_dir, args.max_train_samples, args.max_eval_samples)
 
@@ -141,6 +144,7 @@ def train(args: argparse.Namespace) -> dict:
     if args.mode == "distil":
         train_set = augment(train_set, args.augment, args.seed)
         same_base = base is not None and args.gpt_variant == read_adapter_config(args.teacher)["gpt_variant"]
+        # (the same path with other weights than the teacher's: build_lora_classifier refuses it as the teacher)
         logits = teacher_logits(args.teacher, {"train": train_set, "dev": data["dev"]}, args.cache_dir,
                                 args.eval_batch_size, device, precision, base=base if same_base else None)
         loss_fn = make_kd_loss(logits["train"], args.temperature, args.alpha)
@@ -168,12 +172,26 @@ def train(args: argparse.Namespace) -> dict:
         metrics["teacher_agreement_dev"] = agreement(student, data["dev"], logits["dev"], args.eval_batch_size, device,
                                                    precision)
         print(f"student agrees with the teacher on {metrics['teacher_agreement_dev']:.1%} of dev")
+    if fingerprint is not None:
+        metrics["base_fingerprint"] = fingerprint  # report.py tells apart bases of one name
     write_json(out_dir / METRICS, metrics)
     comparison = compare_runs(args, out_dir)
     print_outputs(metrics=[out_dir / METRICS, out_dir / PREDICTIONS], weights=[out_dir / STUDENT_WEIGHTS, out_dir / STUDENT_CONFIG],
                   checkpoint=[out_dir / CHECKPOINT],
                   plots=[*(report.curve_path(out_dir, k) for k in ("accuracy", "loss")), *comparison])
     return metrics
+
+
+def note_other_base(args: argparse.Namespace, fingerprint: str | None) -> None:
+    """Say in one line, at the start, when the student's embedding comes from another GPT-2 than its teacher's
+    base: a legitimate experiment, but not the default recipe (the teacher's own wte), so it must not go unseen."""
+    if fingerprint is None or not (Path(args.teacher) / ADAPTER_CONFIG).is_file():
+        return
+    cfg = read_adapter_config(args.teacher)
+    teacher_fp = cfg.get("base_fingerprint")  # absent in an adapter written before fingerprints: compare paths
+    if (teacher_fp != fingerprint) if teacher_fp is not None else (variant_id(cfg["gpt_variant"]) != args.gpt_variant):
+        print(f"note: the student's embedding comes from {args.gpt_variant}, a different base than its teacher's "
+              f"({cfg['gpt_variant']}, in {Path(args.teacher) / ADAPTER_CONFIG})")
 
 
 def check_teacher_unchanged(args: argparse.Namespace, fingerprint: str) -> None:

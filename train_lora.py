@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from data import ensure_cola, get_encoder, load_cola, sample_record
 from lora import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, TARGETS, export_peft, inject_lora, load_adapter, parameter_summary,
                   save_adapter)
-from model import DEFAULT_VARIANT, GPT, find_weights
+from model import DEFAULT_VARIANT, GPT, base_fingerprint, find_weights
 from cli import (CHECKPOINT, METRICS, PREDICTIONS, ArgumentParser, add_common_args, check_inputs, dropout_float,
                  pick_hardware, positive_float, positive_int, prepare_outputs, print_outputs, run_cli, run_config,
                  run_name)
@@ -68,7 +68,7 @@ def train(args: argparse.Namespace) -> dict:
     adapter_config = {"gpt_variant": variant, "lora_rank": args.lora_rank, "lora_alpha": args.lora_alpha,
                       "lora_dropout": args.lora_dropout, "lora_targets": list(targets), "rslora": args.rslora,
                       "n_layer": c.n_layer, "n_head": c.n_head, "n_embd": c.n_embd, "vocab_size": c.vocab_size,
-                      "n_classes": c.n_classes}
+                      "n_classes": c.n_classes, "base_fingerprint": base_fingerprint(args.gpt_variant)}
     print(f"train {len(data['train'])} sentences, dev {len(data['dev'])}, out-of-domain dev {len(data['ood_dev'])}")
     config = {**run_config(args), "data": sample_record(data)}
     metrics = fit(model, data["train"], data["dev"], lambda logits, batch: F.cross_entropy(logits, batch.labels),
@@ -78,6 +78,7 @@ def train(args: argparse.Namespace) -> dict:
 
     load_adapter(model, args.out_dir)  # the best epoch, not the last
     report_ood(metrics, model, data["ood_dev"], args.eval_batch_size, device, precision, Path(args.out_dir))
+    metrics["base_fingerprint"] = adapter_config["base_fingerprint"]  # report.py tells apart bases of one name
     write_json(Path(args.out_dir) / "metrics.json", metrics)
     if args.export_peft:
         export_peft(model, adapter_config, args.export_peft)
