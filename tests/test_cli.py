@@ -20,6 +20,7 @@ a finished run silently replaced; empty directories left behind; outputs not nam
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import signal
@@ -354,3 +355,22 @@ def test_without_data_and_network_the_suite_stops_in_one_line(tmp_path):
     errors = [ln for ln in (r.stdout + r.stderr).splitlines() if "error" in ln.lower()]
     assert len(errors) == 1 and errors[0].startswith("ERROR: the tests need CoLA"), errors
     assert str(tmp_path / "home" / ".cache" / "gpt2-lora-cola") in errors[0]
+
+
+def test_the_suite_finds_the_quick_starts_cola_and_tiktoken(tmp_path, cola_dir):
+    """After the README's quick start (CoLA in cola/, tiktoken's files in tiktoken/, in the clone), with no
+    ../shared, offline and with empty caches, `python -m pytest -q tests` finds both: nothing is downloaded."""
+    repo = tmp_path / "repo"
+    shutil.copytree(ROOT, repo, ignore=shutil.ignore_patterns(".git", "__pycache__", ".pytest_cache", "data", "runs",
+                                                              "cola", "tiktoken"))
+    shutil.copytree(Path(os.environ["TIKTOKEN_CACHE_DIR"]), repo / "tiktoken")
+    shutil.copytree(cola_dir / "cola_public", repo / "cola" / "cola_public")
+    for d in ("home", "tmp"):
+        (tmp_path / d).mkdir()
+    env = {k: v for k, v in ENV.items() if k not in ("TIKTOKEN_CACHE_DIR", "DATA_GYM_CACHE_DIR", "XDG_CACHE_HOME",
+                                                     "GPT2_COLA_DIR")}
+    env.update(OFFLINE, HOME=str(tmp_path / "home"), TMPDIR=str(tmp_path / "tmp"))
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_data.py", "-k",
+                        "more_samples"], cwd=repo, env=env, capture_output=True, text=True, timeout=TIMEOUT)
+    assert r.returncode == 0 and "1 passed" in r.stdout, r.stdout[-3000:] + r.stderr[-3000:]
+    assert not (tmp_path / "home" / ".cache").exists()  # nothing fetched into a cache
