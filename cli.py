@@ -143,6 +143,9 @@ def add_common_args(p: argparse.ArgumentParser, *, out_dir: str, epochs: int, lr
                         "with loss scaling below (T4, V100), fp32 on CPU and MPS; the frozen base weights are "
                         "stored in bf16/fp16. Recorded in metrics.json; --resume needs the same")
     g.add_argument("--compile", action="store_true", help="torch.compile the model (CUDA)")
+    g.add_argument("--threads", type=positive_int, default=None,
+                   help="CPU threads torch computes with (default: torch's choice, one per core); on a machine "
+                        "shared with other jobs, fewer keeps an epoch's time steady")
     g.add_argument("--data_dir", default="data", help="CoLA is downloaded and extracted here")
     g.add_argument("--out_dir", default=out_dir,
                    help="this run's files: metrics, best weights, checkpoint, curves (and a student's comparison "
@@ -175,8 +178,10 @@ def pick_device(name: str) -> torch.device:
 
 
 def pick_hardware(args: argparse.Namespace) -> tuple[torch.device, Precision]:
-    """--device and --precision, announced in one line. args.precision becomes the precision actually used
+    """--threads, --device and --precision, announced in one line. args.precision becomes the precision actually used
     (auto resolved), so that metrics.json records it and --resume compares it."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = pick_device(args.device)
     precision = choose_precision(device, args.precision)
     args.precision = precision.name
@@ -271,6 +276,6 @@ def complete_config(config: dict) -> dict:
 
 def run_config(args: argparse.Namespace) -> dict:
     """The flags that define a run's results (recorded in metrics.json, compared on --resume)."""
-    skip = {"resume", "overwrite", "cuda_graphs", "eval_batch_size", "device", "compile", "out_dir", "data_dir",
-            "export_peft"}
+    skip = {"resume", "overwrite", "cuda_graphs", "eval_batch_size", "device", "compile", "threads", "out_dir",
+            "data_dir", "export_peft"}
     return json.loads(json.dumps({k: v for k, v in vars(args).items() if k not in skip}))

@@ -36,7 +36,8 @@ from safetensors.torch import load_file
 
 from conftest import ROOT
 from test_robustness import ENV, EPOCHS, LORA_ROWS, TIMEOUT, cli, distil_args, error_line, lora_args, ok, sha256
-from cli import CHECKPOINT, METRICS, PREDICTIONS
+from cli import CHECKPOINT, METRICS, PREDICTIONS, pick_hardware, run_config
+from train_distil import build_parser as distil_parser
 from trainer import load_checkpoint
 
 OFFLINE = {"HTTPS_PROXY": "http://127.0.0.1:9", "HTTP_PROXY": "http://127.0.0.1:9", "NO_PROXY": "", "no_proxy": ""}
@@ -374,3 +375,17 @@ def test_the_suite_finds_the_quick_starts_cola_and_tiktoken(tmp_path, cola_dir):
                         "more_samples"], cwd=repo, env=env, capture_output=True, text=True, timeout=TIMEOUT)
     assert r.returncode == 0 and "1 passed" in r.stdout, r.stdout[-3000:] + r.stderr[-3000:]
     assert not (tmp_path / "home" / ".cache").exists()  # nothing fetched into a cache
+
+
+def test_threads_sets_the_cpu_threads_and_is_not_a_recipe_key():
+    """--threads N on a shared CPU: torch computes with N threads; the run's config (resume, report groups) is
+    the same whatever N."""
+    before = torch.get_num_threads()
+    try:
+        for n in (1, 2):
+            args = distil_parser().parse_args(["--threads", str(n), "--device", "cpu"])
+            pick_hardware(args)
+            assert torch.get_num_threads() == n
+    finally:
+        torch.set_num_threads(before)
+    assert "threads" not in run_config(args)
