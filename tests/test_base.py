@@ -1,7 +1,7 @@
 """A run is tied to its exact base GPT-2, not only to its shape (issue 24): a LoRA adapter records its base's
 fingerprint (model.base_fingerprint) and refuses another base of the same shape wherever it is loaded
 (predict.py, the distillation teacher, report.py's groups); an adapter written before fingerprints still loads.
-Also predict.py's arguments in any order, and the student-from-another-base note.
+Also predict.py's arguments in any order, its JSONL index an integer, and the student-from-another-base note.
 
 Bugs this exists to catch: the fingerprint not recorded or not compared (a same-shape base silently accepted,
 another probability printed); a fingerprint of the path instead of the weights (a replaced directory accepted);
@@ -18,9 +18,11 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from conftest import ROOT, make_gpt2_checkpoint
 from errors import UserError
+from inference import Inputs, predictions_text
 from lora import ADAPTER_CONFIG, build_lora_classifier
 from model import base_fingerprint
 from report import Run, make_groups
@@ -107,3 +109,9 @@ def test_a_student_from_another_base_than_its_teacher_says_so(lora_ref, twin, co
     assert json.loads((tmp_path / "other" / "metrics.json").read_text())["base_fingerprint"] == base_fingerprint(str(twin))
     r = script("train_distil.py", *common, "--out_dir", str(tmp_path / "same"))  # the teacher's own base: no note
     assert r.returncode == 0 and "different base" not in r.stdout, r.stderr
+
+
+def test_jsonl_index_is_an_integer_as_in_glue():
+    rows = predictions_text("p.jsonl", Inputs(["A.", "B."], ["t:2", "t:3"], ["0", "17"]), torch.tensor([0.25, 0.75]),
+                            torch.tensor([0, 1]))
+    assert [json.loads(line)["index"] for line in rows.splitlines()] == [0, 17]

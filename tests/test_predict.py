@@ -89,7 +89,7 @@ def test_dev_predictions_reproduce_predictions_json(runs, kind, dev_tsv, tmp_pat
     got = read_jsonl(out)
     sentences, _ = read_tsv(dev_tsv)
     assert len(got) == len(sentences) == 527
-    assert [g["index"] for g in got] == [str(i) for i in range(527)]
+    assert [g["index"] for g in got] == list(range(527))  # integers, as in GLUE
     assert [g["sentence"] for g in got] == sentences  # the 4th column, in file order
     saved = json.loads((runs[kind] / "predictions.json").read_text())["dev"]
     assert len(saved["rows"]) == 80
@@ -173,7 +173,7 @@ def test_arguments_stdin_and_text_file_agree(runs, tmp_path):
     r = predict(str(runs["student"]), "--file", str(text), "--output", str(out))
     assert r.returncode == 0, r.stderr[-3000:]
     got = read_jsonl(out)
-    assert [g["sentence"] for g in got] == SENTENCES and [g["index"] for g in got] == ["0", "1"]
+    assert [g["sentence"] for g in got] == SENTENCES and [g["index"] for g in got] == [0, 1]
     for line, g in zip(printed, got):
         assert line.startswith(f"{g['label']} {'acceptable' if g['label'] else 'unacceptable'}")
         assert f"P(acceptable) {g['p_acceptable']:.4f}" in line
