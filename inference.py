@@ -227,7 +227,8 @@ def predictions_text(path: str | Path, inputs: Inputs, probs: torch.Tensor, labe
     index is an integer, as in GLUE's files (a non-numeric index of a GLUE file stays as written)."""
     rows = zip(inputs.index, inputs.sentences, labels.tolist(), probs.tolist())
     if Path(path).suffix.lower() == ".jsonl":
-        return "".join(json.dumps({"index": int(i) if i.isdecimal() else i, "sentence": s, "label": y, "p_acceptable": p}) + "\n"
+        return "".join(json.dumps({"index": int(i) if i.isdecimal() else i, "sentence": s, "label": y,
+                                   "p_acceptable": p}) + "\n"
                        for i, s, y, p in rows)
     return "index\tlabel\tp_acceptable\tsentence\n" + "".join(f"{i}\t{y}\t{p!r}\t{s}\n" for i, s, y, p in rows)
 

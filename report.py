@@ -70,22 +70,23 @@ def curve_figures(metrics: dict, name: str) -> dict[str, object]:
     epochs = [r["epoch"] for r in hist]
     majority, prior = metrics["majority_baseline"]["val_acc"], metrics["majority_baseline"]["val_loss"]
     collapsed = [r for r in hist if r["val_collapsed"]]
-    loss_name = metrics.get("loss_name") or (LEGACY_KD_LOSS if metrics["config"].get("mode") == "distil" else CE_LOSS)
-    distil = loss_name != CE_LOSS  # the train loss is not the dev loss's quantity: a panel of its own
+    loss_name = metrics.get("loss_name") or (LEGACY_KD_LOSS if metrics["config"].get("mode") == "distil"
+                                             else CE_LOSS)
+    own_panel = loss_name != CE_LOSS  # the train loss is not the dev loss's quantity: a panel of its own
 
-    loss_fig, axes = plt.subplots(1, 2 if distil else 1, figsize=(11 if distil else 6, 4), squeeze=False)
-    if distil:
+    loss_fig, axes = plt.subplots(1, 2 if own_panel else 1, figsize=(11 if own_panel else 6, 4), squeeze=False)
+    if own_panel:
         kd = axes[0, 0]
         kd.plot(epochs, [r["train_loss"] for r in hist], marker="o", color="C2", label="train")
         kd.set_title(f"{name}: train loss")
         kd.set_ylabel(loss_name)
     ce = axes[0, -1]
-    if not distil:
+    if not own_panel:
         ce.plot(epochs, [r["train_loss"] for r in hist], marker="o", label="train", zorder=3)
     ce.plot(epochs, [r["val_loss"] for r in hist], marker="o", color="C1", label="dev", zorder=3)
     ce.axhline(prior, color="gray", linestyle="--", zorder=1,
                label=f"class prior ({prior:.3f}): the dev loss of\npredicting the label rate for every sentence")
-    ce.set_title(f"{name}: {'dev ' if distil else ''}cross-entropy against the gold labels")
+    ce.set_title(f"{name}: {'dev ' if own_panel else ''}cross-entropy against the gold labels")
     ce.set_ylabel("cross-entropy")
 
     acc_fig, (acc, mcc) = plt.subplots(1, 2, figsize=(11, 4))

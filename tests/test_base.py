@@ -106,7 +106,8 @@ def test_a_student_from_another_base_than_its_teacher_says_so(lora_ref, twin, co
     notes = [line for line in r.stdout.splitlines() if "different base than its teacher" in line]
     assert len(notes) == 1 and str(twin) in notes[0], r.stdout
     assert r.stdout.index(notes[0]) < r.stdout.index("epoch 1:")  # at the start
-    assert json.loads((tmp_path / "other" / "metrics.json").read_text())["base_fingerprint"] == base_fingerprint(str(twin))
+    recorded = json.loads((tmp_path / "other" / "metrics.json").read_text())["base_fingerprint"]
+    assert recorded == base_fingerprint(str(twin))
     r = script("train_distil.py", *common, "--out_dir", str(tmp_path / "same"))  # the teacher's own base: no note
     assert r.returncode == 0 and "different base" not in r.stdout, r.stderr
 
