@@ -61,9 +61,9 @@ def run_kind(run_dir: Path) -> str:
                     f"{' + '.join(RUN_FILES['lora'])}, a train_distil.py run {' + '.join(RUN_FILES['student'])}")
 
 
-def load_teacher(run_dir: Path, base: str | None) -> GPT:
-    """The LoRA classifier of a train_lora.py run, its adapter merged into the base: inference then costs
-    what the plain base costs. `base` replaces the GPT-2 named in adapter_config.json (a moved directory)."""
+def load_teacher(run_dir: Path, base: str | None, merge: bool = True) -> GPT:
+    """The LoRA classifier of a train_lora.py run, its adapter merged into the base (merge): inference then
+    costs what the plain base costs. `base` replaces the GPT-2 named in adapter_config.json (a moved directory)."""
     cfg = read_adapter_config(run_dir)
     variant = base or cfg["gpt_variant"]
     if not Path(variant).is_dir() and variant not in HUB_VARIANTS:
@@ -75,7 +75,8 @@ def load_teacher(run_dir: Path, base: str | None) -> GPT:
         raise UserError(f"{run_dir}'s base GPT-2 cannot be loaded; pass a local copy with predict.py --base DIR "
                         f"({e})") from None
     model, _ = build_lora_classifier(run_dir, gpt, variant)
-    merge_lora(model)
+    if merge:
+        merge_lora(model)
     return model
 
 
@@ -88,20 +89,27 @@ def load_student(run_dir: Path) -> DistilRNN:
     except (ValueError, TypeError, OSError) as e:
         raise UserError(f"{config_path} is not a student config ({first_line(e)})") from None
     try:
-        student.load_state_dict(load_file(str(weights_path)))
+        missing, unexpected = student.load_state_dict(load_file(str(weights_path)), strict=False)
     except (SafetensorError, OSError, RuntimeError) as e:
         raise UserError(f"{weights_path} does not hold the student its config describes ({first_line(e)})") from None
+    if missing or unexpected:  # refused: a missing tensor would stay random
+        keys = "; ".join(f"{what}: {', '.join(ks)}" for what, ks in (("missing", missing), ("unexpected", unexpected))
+                         if ks)
+        raise UserError(f"{weights_path} does not hold the student its config describes ({keys})")
     return student
 
 
 def load_classifier(run_dir: str | Path, device: torch.device, precision: Precision,
                     base: str | None = None) -> Classifier:
     """A train_lora.py or train_distil.py run directory -> its model, ready for inference on `device` in
-    `precision` (a teacher's frozen weights stored in its compute dtype, as training stores them)."""
+    `precision`. A teacher is stored as training stored it: in fp32 its LoRA is merged (the same function to
+    fp32 rounding, at the base's cost); under bf16/fp16 its frozen base weights are stored in the compute dtype
+    and its LoRA branch stays unmerged, as in training, since W0 + B A rounded to 16 bits is not what training
+    computed: the run's dev predictions come out exactly as its predictions.json."""
     run_dir = Path(run_dir)
     kind = run_kind(run_dir)
-    model = load_teacher(run_dir, base) if kind == "lora" else load_student(run_dir)
-    store_frozen_weights(model, precision.dtype)  # after the merge, which is done in fp32
+    model = load_teacher(run_dir, base, merge=precision.dtype is None) if kind == "lora" else load_student(run_dir)
+    store_frozen_weights(model, precision.dtype)
     max_tokens = model.config.block_size if kind == "lora" else None
     return Classifier(model.to(device).eval(), kind, max_tokens)
 

@@ -7,8 +7,8 @@
 
 Prints each sentence's label (1 acceptable, 0 unacceptable) and P(acceptable), or writes them to --output.
 --file takes one sentence a line, CoLA's TSV (source, label, mark, sentence) or GLUE's test TSV (header
-index<TAB>sentence), detected from the first line. The teacher's LoRA is merged into its base; batches are
-length-sorted; the precision is training's on the device (--precision auto: bf16 or fp16 mixed on CUDA, fp32
+index<TAB>sentence), detected from the first line. In fp32 the teacher's LoRA is merged into its base (under bf16/fp16 it runs
+unmerged, as in training, so a run's dev predictions equal its predictions.json); batches are length-sorted; the precision is training's on the device (--precision auto: bf16 or fp16 mixed on CUDA, fp32
 on CPU and MPS). The
 teacher reads at most its base's positions (1024 for GPT-2): a longer sentence is cut to its first 1024
 tokens, with a warning naming it. The student reads any length.

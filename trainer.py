@@ -70,6 +70,27 @@ def load_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor],
     opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
 
 
+def rng_states(device: torch.device) -> dict[str, torch.Tensor]:
+    """The generators a resumed run must continue: the CPU one (shuffling, and dropout on CPU) and, when training
+    on CUDA, that device's (dropout there)."""
+    states = {"rng.cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        states["rng.cuda"] = torch.cuda.get_rng_state(device)
+    return states
+
+
+def restore_rng_states(tensors: dict[str, torch.Tensor], device: torch.device, ckpt_path: Path) -> None:
+    """Put back what rng_states saved. A checkpoint written off CUDA holds no CUDA state: resuming it on CUDA
+    says that dropout there draws afresh instead of failing."""
+    torch.set_rng_state(tensors["rng.cpu"])
+    if device.type != "cuda":
+        return
+    if "rng.cuda" in tensors:
+        torch.cuda.set_rng_state(tensors["rng.cuda"], device)
+    else:
+        print(f"note: {ckpt_path} holds no CUDA generator state (written off CUDA): dropout draws afresh")
+
+
 # ---------------------------------------------------------------- the loop
 
 def make_optimizer(model: nn.Module, lr: float, weight_decay: float) -> AdamW:
@@ -164,9 +185,7 @@ def fit(model: nn.Module, train_ds: Dataset, val_ds: Dataset, loss_fn: LossFn, a
         scheduler.load_state_dict(state["scheduler"])
         if scaler.is_enabled():
             scaler.load_state_dict(state["scaler"])  # its scale and growth tracker, where the run stopped
-        torch.set_rng_state(tensors["rng.cpu"])
-        if device.type == "cuda":
-            torch.cuda.set_rng_state(tensors["rng.cuda"], device)
+        restore_rng_states(tensors, device, ckpt_path)
         metrics = {**state["metrics"], "config": config, "loss_name": loss_name}  # as this version records them
         print(f"resumed from {ckpt_path} after epoch {len(metrics['epochs'])}")
 
@@ -227,9 +246,7 @@ def fit(model: nn.Module, train_ds: Dataset, val_ds: Dataset, loss_fn: LossFn, a
             tensors = {f"model.{k}": p for k, p in trainable.items()}
             opt_tensors, opt_meta = optimizer_tensors(optimizer)
             tensors.update(opt_tensors)
-            tensors["rng.cpu"] = torch.get_rng_state()
-            if device.type == "cuda":
-                tensors["rng.cuda"] = torch.cuda.get_rng_state(device)
+            tensors.update(rng_states(device))
             save_checkpoint(ckpt_path, tensors, {"config": config, "optimizer": opt_meta,
                                                  "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
                                                  "metrics": metrics})

@@ -19,6 +19,7 @@ a finished run silently replaced; empty directories left behind; outputs not nam
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -27,7 +28,6 @@ import signal
 import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -35,7 +35,8 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import ROOT
-from test_robustness import ENV, EPOCHS, LORA_ROWS, TIMEOUT, cli, distil_args, error_line, lora_args, ok, sha256
+from test_robustness import (ENV, EPOCHS, LORA_ROWS, TIMEOUT, cli, distil_args, error_line, in_process, lora_args, ok,
+                             sha256)
 from cli import CHECKPOINT, METRICS, PREDICTIONS, pick_hardware, run_config
 from train_distil import build_parser as distil_parser
 from trainer import load_checkpoint
@@ -45,6 +46,7 @@ OFFLINE = {"HTTPS_PROXY": "http://127.0.0.1:9", "HTTP_PROXY": "http://127.0.0.1:
 
 # ---------------------------------------------------------------- --help
 
+@functools.cache  # each script's --help is run once, whichever tests read it
 def help_entries(script: str) -> dict[str, str]:
     """{'--flag': its whole help entry on one line} from `script --help`."""
     r = ok(cli(script, "--help"))
@@ -134,8 +136,8 @@ def test_offline_the_first_failure_names_every_missing_input(tmp_path):
 def test_rnn_mode_with_a_mistyped_teacher_blames_the_teacher(cola_dir, tmp_path):
     """Without --gpt_variant the student's base comes from --teacher: a --teacher that holds no run is named,
     not the default gpt2-medium that would otherwise be tried."""
-    r = cli("train_distil.py", "--mode", "rnn", "--teacher", str(tmp_path / "runs" / "lroa"), "--data_dir",
-            str(cola_dir), "--out_dir", str(tmp_path / "rnn"))
+    r = in_process("train_distil.py", "--mode", "rnn", "--teacher", str(tmp_path / "runs" / "lroa"), "--data_dir",
+                   str(cola_dir), "--out_dir", str(tmp_path / "rnn"))
     line = error_line(r)
     assert f"--teacher {tmp_path / 'runs' / 'lroa'} holds no train_lora.py run" in line and "--gpt_variant" in line
     assert "gpt2-medium" not in line, line
@@ -150,14 +152,12 @@ BAD_SAMPLING = {"top_k_0": ("--top_k", "0"), "temperature_-1": ("--temperature",
 
 @pytest.fixture(scope="module")
 def sampling_runs(tiny_gpt2):
-    """Every bad flag, and one good run, concurrently, on a tiny local GPT-2 (so nothing fails for want of
-    weights)."""
+    """Every bad flag, and one good run, in this process (in_process; model.py's own start is tested above), on a
+    tiny local GPT-2 (so nothing fails for want of weights)."""
     base = ("--gpt_variant", str(tiny_gpt2), "--max_new_tokens", "3", "--device", "cpu")
     cmds = {name: (*base, flag, v) for name, (flag, v) in BAD_SAMPLING.items()}
     cmds["good"] = (*base, "--top_k", "60000", "--temperature", "0", "--num_samples", "2")
-    with ThreadPoolExecutor(max_workers=4) as pool:
-        futures = {name: pool.submit(cli, "model.py", *args) for name, args in cmds.items()}
-        return {name: f.result() for name, f in futures.items()}
+    return {name: in_process("model.py", *args) for name, args in cmds.items()}
 
 
 @pytest.mark.parametrize("name", list(BAD_SAMPLING))
@@ -247,7 +247,7 @@ def test_ctrl_c_while_an_epoch_is_saved_leaves_files_and_message_agreeing(tiny_g
 def test_resume_with_other_epochs_says_a_finished_run_cannot_be_extended(finished):
     out, args, _ = finished
     before = {p.name: sha256(p) for p in out.iterdir()}
-    line = error_line(cli("train_lora.py", *args, "--resume", "--epochs", "4"))
+    line = error_line(in_process("train_lora.py", *args, "--resume", "--epochs", "4"))
     assert "a finished run (1 of 1 epochs done)" in line and "cannot be extended" in line, line
     assert "--epochs 1" in line and "--overwrite" in line, line
     assert {p.name: sha256(p) for p in out.iterdir()} == before
@@ -295,7 +295,7 @@ def test_train_distil_ends_by_naming_its_outputs(cola_dir, tmp_path):
 def test_a_finished_run_is_not_replaced_without_overwrite(finished):
     out, args, _ = finished
     before = {p.name: sha256(p) for p in out.iterdir()}
-    line = error_line(cli("train_lora.py", *args, "--lora_rank", "1"))
+    line = error_line(in_process("train_lora.py", *args, "--lora_rank", "1"))
     assert str(out) in line and "--resume" in line and "--overwrite" in line, line
     assert {p.name: sha256(p) for p in out.iterdir()} == before
 
@@ -307,10 +307,10 @@ def test_overwrite_removes_the_earlier_run_before_training(finished, tmp_path):
     out = tmp_path / "lora"
     shutil.copytree(src, out)
     args = [str(out) if a == str(src) else a for a in args]
-    line = error_line(cli("train_lora.py", *args, "--overwrite", "--lora_targets", "bogus"))
+    line = error_line(in_process("train_lora.py", *args, "--overwrite", "--lora_targets", "bogus"))
     assert "bogus" in line, line
     assert sorted(p.name for p in out.iterdir()) == []
-    line = error_line(cli("train_lora.py", *args, "--overwrite", "--resume"))
+    line = error_line(in_process("train_lora.py", *args, "--overwrite", "--resume"))
     assert "--overwrite" in line and "--resume" in line, line
 
 

@@ -397,14 +397,12 @@ def run(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def lora_teacher(tmp_path_factory, tiny_gpt2, cola_dir) -> Path:
-    """A real train_lora.py output on a tiny random GPT-2."""
-    out = tmp_path_factory.mktemp("runs")
-    r = run("train_lora.py", "--gpt_variant", str(tiny_gpt2), "--data_dir", str(cola_dir), "--max_train_samples",
-            "200", "--max_eval_samples", "80", "--epochs", "1", "--lora_rank", "2", "--out_dir", str(out / "lora"),
-            "--device", "cpu")
-    assert r.returncode == 0, r.stderr
-    return out / "lora"
+def lora_teacher(tmp_path_factory, lora_ref) -> Path:
+    """A real train_lora.py output on a tiny random GPT-2: a copy of the session's lora_ref run (its files
+    only), in a folder of its own for the runs made beside it."""
+    out = tmp_path_factory.mktemp("runs") / "lora"
+    shutil.copytree(lora_ref, out)
+    return out
 
 
 @pytest.mark.parametrize("mode,extra", [("rnn", ()), ("distil", ("--augment", "1"))])

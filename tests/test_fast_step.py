@@ -28,8 +28,8 @@ from data import Dataset, collate, iterate
 from errors import UserError
 from lora import inject_lora, lora_modules
 from model import GPT, DistilRNN
-from train_step import (BUCKETS, IGNORE_INDEX, WARMUP_STEPS, EagerStep, FixedShapeStep, RunningMetrics,
-                        bucket_length, pad_batch)
+from train_step import (BUCKETS, IGNORE_INDEX, WARMUP_STEPS, CudaGraphs, EagerStep, FixedShapeStep, RunningMetrics,
+                        bucket_length, pad_batch, tensor_lr)
 from cli import METRICS
 from precision import Precision
 from trainer import SYNC_EVERY, fit, make_optimizer, warmup_linear
@@ -301,3 +301,111 @@ def test_buckets_cover_cola_with_few_shapes(cola):
     """Every CoLA training batch fits a bucket (no shape beyond them), in at most len(BUCKETS) graphs."""
     lengths = {bucket_length(b.ids.size(1)) for b in iterate(cola["train"], 32, shuffle=True, seed=1)}
     assert lengths <= set(BUCKETS)
+
+
+# ---------------------------------------------------------------- the graphed step's bookkeeping, on CPU
+
+class ReplayedGraphs(CudaGraphs):
+    """CudaGraphs with its own replay (which must refill the learning-rate tensors from the schedule) and a
+    capture played on the CPU: the warm-up steps, then the step run as captured (reading AdamW's learning rate
+    from the tensors, as the graph does) and returned as a graph whose replay runs the step the same way."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer):  # no CUDA: no pool, no stream
+        self.optimizer = optimizer
+        self.lrs = [torch.zeros(()) for _ in optimizer.param_groups]
+        self.captures = self.replays = 0
+
+    def capture(self, step):
+        for _ in range(WARMUP_STEPS):
+            step()
+        with tensor_lr(self.optimizer, self.lrs):
+            step()
+        self.captures += 1
+        return ReplayedGraphs.Graph(self, step)
+
+    class Graph:
+        def __init__(self, owner: "ReplayedGraphs", step):
+            self.owner, self.step = owner, step
+
+        def replay(self) -> None:
+            """What the captured kernels do: AdamW reads the lr tensors as they are now (not refilled here)."""
+            groups = self.owner.optimizer.param_groups
+            saved = [(g["lr"], g["capturable"]) for g in groups]
+            for g, lr in zip(groups, self.owner.lrs):
+                g["lr"], g["capturable"] = lr, True
+            try:
+                self.step()
+            finally:
+                for g, (lr, capturable) in zip(groups, saved):
+                    g["lr"], g["capturable"] = lr, capturable
+            self.owner.replays += 1
+
+
+def test_every_replay_uses_the_schedules_current_learning_rate(tiny_gpt2, cola, one_thread):
+    """Warm-up then decay, so the learning rate differs at every step: the replayed graphs train exactly as the
+    same fixed-shape step run eagerly, which reads the scheduler's float each step. A replay that used the rate
+    of its capture would not."""
+    batches = list(iterate(subset(cola["train"], 200), 32, shuffle=True, seed=3))
+    runs, graphs = [], None
+    for graphed in (False, True):
+        model = lora_gpt(tiny_gpt2).train()
+        optimizer = make_optimizer(model, 1e-2, 0.01)
+        step = FixedShapeStep(model, cross_entropy, optimizer, 1.0, 32, RunningMetrics(CPU), CPU, FP32, graphs=False)
+        if graphed:
+            step.cuda_graphs = graphs = ReplayedGraphs(optimizer)
+        runs.append(run_steps(step, model, optimizer, batches))
+    assert graphs.replays == len(batches) and graphs.captures == len({bucket_length(b.ids.size(1)) for b in batches})
+    assert graphs.captures < len(batches)  # some replays come after their capture's step
+    assert runs[1][0] == pytest.approx(runs[0][0], rel=1e-6, abs=1e-7)
+    for a, b in zip(runs[1][1], runs[0][1]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_the_step_is_captured_with_autocasts_weight_cache_off(tiny_gpt2, cola, one_thread):
+    """A cached cast weight would be a tensor of the capture, stale at every replay after the weights change:
+    every forward of the fixed-shape step, the captured one included, runs under autocast with its cache off."""
+    model = lora_gpt(tiny_gpt2).train()
+    optimizer = make_optimizer(model, 1e-2, 0.01)
+    step = FixedShapeStep(model, cross_entropy, optimizer, 1.0, 32, RunningMetrics(CPU), CPU,
+                          Precision("bf16", "cpu"), graphs=False)
+    step.cuda_graphs = graphs = ReplayedGraphs(optimizer)
+    seen = []
+    model.transformer.h[0].register_forward_pre_hook(
+        lambda m, a: seen.append((torch.is_autocast_enabled("cpu"), torch.is_autocast_cache_enabled())))
+    for batch in list(iterate(subset(cola["train"], 64), 32, shuffle=True, seed=3)):
+        step(batch)
+    assert graphs.captures >= 1 and graphs.replays == 2
+    assert len(seen) == graphs.captures * (WARMUP_STEPS + 1) + graphs.replays
+    assert set(seen) == {(True, False)}
+
+
+def test_the_fixed_shape_loss_averages_over_real_rows_only(tiny_gpt2, cola, one_thread):
+    """A full batch and a short one (8 real rows in a 32-row bucket), metrics kept across both: the fixed-shape
+    step's epoch loss and accuracy equal the eager step's, which never sees a pad row, and each step's loss is
+    the cross-entropy over the real rows (read back per step as well)."""
+    train = subset(cola["train"], 40)
+    batches = [collate(train, list(range(32))), collate(train, list(range(32, 40)))]
+    reads = {}
+    for kind in ("eager", "fixed"):
+        model = lora_gpt(tiny_gpt2).train()
+        optimizer = make_optimizer(model, 1e-2, 0.01)
+        metrics = RunningMetrics(CPU)
+        step = (EagerStep(model.classify, cross_entropy, optimizer, 1.0, metrics, CPU, FP32) if kind == "eager" else
+                FixedShapeStep(model, cross_entropy, optimizer, 1.0, 32, metrics, CPU, FP32, graphs=False))
+        per_step = []
+        for batch in batches:
+            before = metrics.sums.clone()
+            with torch.no_grad():
+                model.eval()
+                want = F.cross_entropy(model.classify(batch.ids, batch.lengths), batch.labels).item()
+                model.train()
+            step(batch)
+            loss_sum = (metrics.sums - before)[RunningMetrics.LOSS].item()
+            rows = (metrics.sums - before)[RunningMetrics.ROWS].item()
+            assert rows == len(batch.labels), kind
+            per_step.append((loss_sum / rows, want))
+        reads[kind] = metrics.read()
+        for got, want in per_step:
+            assert got == pytest.approx(want, rel=1e-5), kind
+    assert reads["fixed"]["loss"] == pytest.approx(reads["eager"]["loss"], rel=1e-6)
+    assert reads["fixed"]["acc"] == reads["eager"]["acc"]

@@ -9,16 +9,24 @@ traceback.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import shutil
 import subprocess
 import sys
+import traceback
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
+import predict as predict_script
+import train_distil
+import train_lora
 from conftest import ROOT, make_gpt2_checkpoint
 from data import SPLITS, collate, get_encoder, read_tsv
 from inference import load_classifier, p_acceptable
@@ -37,7 +45,22 @@ def script(name: str, *args: str, stdin: str | None = None) -> subprocess.Comple
 
 
 def predict(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
-    return script("predict.py", *args, "--device", "cpu", stdin=stdin)
+    """predict.py's main, run in this process (a subprocess would spend seconds importing torch each time; the
+    dev-set test runs the real script): its exit status, stdout and stderr. An exception that escapes main ends
+    as a traceback on stderr, as it would from the script."""
+    out, err = io.StringIO(), io.StringIO()
+    argv = ["predict.py", *args, "--device", "cpu"]
+    with (mock.patch.object(sys, "argv", argv), mock.patch.object(sys, "stdin", io.StringIO(stdin or "")),
+          contextlib.redirect_stdout(out), contextlib.redirect_stderr(err)):
+        try:
+            predict_script.main()
+            code = 0
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else int(e.code is not None)
+        except Exception:  # noqa: BLE001 - reported as the script would report it
+            traceback.print_exc()
+            code = 1
+    return subprocess.CompletedProcess(argv, code, out.getvalue(), err.getvalue())
 
 
 def one_line_error(r: subprocess.CompletedProcess, *fragments: str) -> str:
@@ -57,16 +80,21 @@ def gpt2_128(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def runs(gpt2_128, cola_dir, tmp_path_factory) -> dict[str, Path]:
-    """A LoRA teacher and a student (--mode rnn, wte from the same GPT-2), one epoch each on sampled rows;
-    dev is sampled too, so predictions.json holds only those rows."""
+    """A LoRA teacher and a student (--mode rnn, wte from the same GPT-2), one epoch each on sampled rows,
+    trained by the scripts' train() in this process; dev is sampled too, so predictions.json holds only those
+    rows."""
     out = tmp_path_factory.mktemp("runs")
     common = ["--gpt_variant", str(gpt2_128), "--data_dir", str(cola_dir), "--max_train_samples", "64",
               "--max_eval_samples", "80", "--epochs", "1", "--device", "cpu"]
-    r = script("train_lora.py", *common, "--out_dir", str(out / "lora"))
-    assert r.returncode == 0, r.stderr[-3000:]
-    r = script("train_distil.py", "--mode", "rnn", "--hidden_size", "16", *common, "--out_dir", str(out / "rnn"),
-               "--cache_dir", str(out / "cache"))
-    assert r.returncode == 0, r.stderr[-3000:]
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)  # in this process, as fast as a subprocess without its imports
+    try:
+        train_lora.train(train_lora.build_parser().parse_args([*common, "--out_dir", str(out / "lora")]))
+        train_distil.train(train_distil.build_parser().parse_args([
+            "--mode", "rnn", "--hidden_size", "16", *common, "--out_dir", str(out / "rnn"),
+            "--cache_dir", str(out / "cache")]))
+    finally:
+        torch.set_num_threads(n)
     return {"lora": out / "lora", "student": out / "rnn"}
 
 
@@ -84,7 +112,8 @@ def read_jsonl(path: Path) -> list[dict]:
 @pytest.mark.parametrize("kind", ["lora", "student"])
 def test_dev_predictions_reproduce_predictions_json(runs, kind, dev_tsv, tmp_path):
     out = tmp_path / "dev.jsonl"
-    r = predict(str(runs[kind]), "--file", str(dev_tsv), "--output", str(out), "--batch_size", "48")
+    r = script("predict.py", str(runs[kind]), "--file", str(dev_tsv), "--output", str(out), "--batch_size", "48",
+               "--device", "cpu")
     assert r.returncode == 0, r.stderr[-3000:]
     got = read_jsonl(out)
     sentences, _ = read_tsv(dev_tsv)
@@ -252,3 +281,78 @@ def test_malformed_tsv_rows_name_their_line(runs, dev_tsv, tmp_path):
     one_line_error(predict(str(runs["student"]), "--file", str(odd)), f"{odd}:1:", "--format")
     one_line_error(predict(str(runs["student"]), SENTENCES[0], "--output", str(tmp_path / "p.csv")), ".jsonl or .tsv")
 
+
+
+# ---------------------------------------------------------------- what predict.py promises (issue 25)
+
+@pytest.fixture(scope="module")
+def bf16_lora(gpt2_128, cola_dir, tmp_path_factory) -> Path:
+    """A LoRA teacher trained in bf16 (autocast on the CPU), in this process: one epoch on sampled rows."""
+    out = tmp_path_factory.mktemp("bf16") / "lora"
+    train_lora.train(train_lora.build_parser().parse_args([
+        "--gpt_variant", str(gpt2_128), "--data_dir", str(cola_dir), "--max_train_samples", "64",
+        "--max_eval_samples", "80", "--epochs", "1", "--precision", "bf16", "--out_dir", str(out),
+        "--device", "cpu"]))
+    return out
+
+
+def test_a_bf16_teachers_dev_predictions_are_its_predictions_json_and_precision_is_honoured(bf16_lora, dev_tsv,
+                                                                                             tmp_path):
+    """The run's own dev rows, in one batch as training scored them: --precision bf16 gives predictions.json's
+    probabilities exactly (the frozen weights stored in bf16 and LoRA unmerged, as training ran it), and
+    --precision fp32 visibly others (so the flag is not ignored)."""
+    saved = json.loads((bf16_lora / "predictions.json").read_text())["dev"]
+    lines = dev_tsv.read_text().splitlines()
+    rows = tmp_path / "rows.tsv"
+    rows.write_text("".join(lines[i] + "\n" for i in saved["rows"]))
+    got = {}
+    for precision in ("bf16", "fp32"):
+        out = tmp_path / f"{precision}.jsonl"
+        r = predict(str(bf16_lora), "--file", str(rows), "--output", str(out), "--batch_size", "256",
+                    "--precision", precision)
+        assert r.returncode == 0, r.stderr[-3000:]
+        got[precision] = torch.tensor([g["p_acceptable"] for g in read_jsonl(out)], dtype=torch.float64)
+    want = torch.tensor(saved["p1"], dtype=torch.float64)
+    torch.testing.assert_close(got["bf16"], want, rtol=0, atol=1e-12)
+    assert (got["fp32"] - want).abs().max() > 1e-5
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".tsv"])
+def test_sentences_given_as_arguments_are_indexed_from_0(runs, suffix, tmp_path):
+    out = tmp_path / f"p{suffix}"
+    r = predict(str(runs["student"]), *SENTENCES, "--output", str(out))
+    assert r.returncode == 0, r.stderr[-3000:]
+    if suffix == ".jsonl":
+        index = [g["index"] for g in read_jsonl(out)]
+        assert index == [0, 1]  # JSONL: integers, as in GLUE
+    else:
+        index = [line.split("\t")[0] for line in out.read_text().splitlines()[1:]]
+        assert index == ["0", "1"]
+
+
+@pytest.mark.parametrize("flag,name", [("--output", "p.jsonl"), ("--glue_submission", "CoLA.tsv")])
+def test_a_failed_write_is_an_error_that_writes_nothing(runs, flag, name, tmp_path):
+    """The file cannot be written (a folder holds its name): exit 2 in one line naming it, no "written to"
+    line, and nothing half-written beside it."""
+    target = tmp_path / name
+    target.mkdir()
+    r = predict(str(runs["student"]), *SENTENCES, flag, str(target))
+    one_line_error(r, str(target), "cannot be written")
+    assert "written to" not in r.stdout and target.is_dir()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [name]
+
+
+@pytest.mark.parametrize("how", ["missing", "unexpected"])
+def test_a_student_whose_weights_do_not_match_its_config_is_refused(runs, how, tmp_path):
+    """Never loaded with some weights left random: one line naming the file and the keys."""
+    broken = tmp_path / "broken"
+    shutil.copytree(runs["student"], broken)
+    weights = load_file(str(broken / "student.safetensors"))
+    if how == "missing":
+        key = "head.weight" if "head.weight" in weights else sorted(weights)[-1]
+        del weights[key]
+    else:
+        key = "extra.weight"
+        weights[key] = torch.zeros(2)
+    save_file(weights, str(broken / "student.safetensors"))
+    one_line_error(predict(str(broken), SENTENCES[0]), str(broken / "student.safetensors"), how, key)

@@ -19,11 +19,9 @@ between neighbouring seeds; a retrained teacher reused on --resume; one cache en
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import statistics
 import subprocess
-import sys
 from argparse import Namespace
 from pathlib import Path
 
@@ -33,13 +31,13 @@ import torch
 import torch.nn.functional as F
 
 import report
-from conftest import ROOT
 from data import Dataset, epoch_seed, load_cola, stratified_sample
 from distill import cache_key
 from errors import UserError
 from model import DistilRNN
 from cli import METRICS, PREDICTIONS
 from precision import Precision
+from test_robustness import in_process
 from trainer import fit
 
 SEEDS = (1, 2)
@@ -408,9 +406,8 @@ def test_a_collapsed_dev_curve_is_drawn_over_its_baseline_and_marked():
 
 
 def cli(*args: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ, OMP_NUM_THREADS="1", MPLBACKEND="Agg")
-    return subprocess.run([sys.executable, "report.py", *args], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=300)
+    """report.py's main in this process (test_cli.py runs the script itself)."""
+    return in_process("report.py", *args)
 
 
 def test_curves_are_redrawn_from_metrics_json(runs, tmp_path):
