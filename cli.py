@@ -144,8 +144,8 @@ def add_common_args(p: argparse.ArgumentParser, *, out_dir: str, epochs: int, lr
                         "stored in bf16/fp16. Recorded in metrics.json; --resume needs the same")
     g.add_argument("--compile", action="store_true", help="torch.compile the model (CUDA)")
     g.add_argument("--threads", type=positive_int, default=None,
-                   help="CPU threads torch computes with (default: torch's choice, one per core); on a machine "
-                        "shared with other jobs, fewer keeps an epoch's time steady")
+                   help="CPU threads torch computes with; on a machine shared with other jobs, fewer keep an "
+                        "epoch's time steady (default: torch's choice, one per core)")
     g.add_argument("--data_dir", default="data", help="CoLA is downloaded and extracted here")
     g.add_argument("--out_dir", default=out_dir,
                    help="this run's files: metrics, best weights, checkpoint, curves (and a student's comparison "
