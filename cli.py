@@ -25,7 +25,7 @@ from precision import DTYPES, Precision, choose_precision, device_line
 CHECKPOINT = "checkpoint.safetensors"
 METRICS = "metrics.json"
 PREDICTIONS = "predictions.json"
-FIGURES = ("loss.png", "accuracy.png", "comparison.md", "comparison.png")  # its curves, a student's comparison
+FIGURES = ("loss.png", "accuracy.png", "comparison.md", "comparison.png", "comparison.json")  # curves, comparison
 
 # Directories this process created for a run's outputs: run_cli removes the ones left empty, so a run that fails
 # before writing anything leaves nothing behind.

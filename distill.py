@@ -25,6 +25,10 @@ from metrics import predict_logits
 from precision import Precision, store_frozen_weights
 
 UNLABELLED = -1  # label of augmented sentences: they carry only the teacher's soft targets
+# The run settings that make a distilled student what it is, beyond the student itself: report.py compares a
+# distilled student with the label-trained student whose settings equal its own outside these.
+DISTILLATION_KEYS = ("mode", "teacher", "temperature", "alpha", "kd_loss", "augment", "generator", "generate",
+                     "gen_temperature", "gen_top_k", "gen_top_p", "seed")
 
 
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor, temperature: float,

@@ -203,11 +203,11 @@ def check_teacher_unchanged(args: argparse.Namespace, fingerprint: str) -> None:
                         f"{args.teacher} (retrained since?); start afresh without --resume")
 
 
-def compare_runs(args: argparse.Namespace, out_dir: Path) -> tuple[Path, Path]:
+def compare_runs(args: argparse.Namespace, out_dir: Path) -> tuple[Path, Path, Path]:
     """report.py's comparison of this run and its teacher (when the run used it and it saved predictions), and
     nothing else: runs that merely lie beside out_dir may have been made with other data or another teacher.
-    Written to out_dir/comparison.{md,png}: a run's comparison is its own, and no other run replaces it.
-    Returns those two paths."""
+    Written to out_dir/comparison.{md,png,json}: a run's comparison is its own, and no other run replaces it.
+    Returns those three paths."""
     dirs = [out_dir]
     try:
         report.load_run(args.teacher)
@@ -217,7 +217,7 @@ def compare_runs(args: argparse.Namespace, out_dir: Path) -> tuple[Path, Path]:
     table, _ = report.compare(dirs, out_dir, "comparison")
     paths = report.comparison_paths(out_dir, "comparison")
     print(table)
-    print(f"comparison written to {paths[0]} and {paths[1]}; to compare with other runs (the other student, more "
+    print(f"comparison written to {paths[0]}, {paths[1]} and {paths[2]}; to compare with other runs (the other student, more "
           f"seeds): python report.py {' '.join(map(str, dirs))} OTHER_RUN_DIRS")
     return paths
 

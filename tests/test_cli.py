@@ -288,7 +288,8 @@ def test_train_distil_ends_by_naming_its_outputs(cola_dir, tmp_path):
     named = named_outputs(r.stdout)
     assert named["metrics"] == [out / METRICS, out / PREDICTIONS]
     assert named["weights"] == [out / "student.safetensors", out / "student_config.json"]
-    assert named["plots"] == [out / "accuracy.png", out / "loss.png", out / "comparison.md", out / "comparison.png"]
+    assert named["plots"] == [out / name for name in ("accuracy.png", "loss.png", "comparison.md", "comparison.png",
+                                                      "comparison.json")]
     assert all(p.is_file() for paths in named.values() for p in paths)
 
 

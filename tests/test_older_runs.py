@@ -68,4 +68,6 @@ def test_report_groups_an_older_run_with_its_recipe():
     other = _run("other", {"mode": "rnn", "lr": 1e-3, "seed": 3, KEY: not CONFIG_DEFAULTS[KEY]})
     groups = make_groups([old, new, other])
     assert [[r.path.name for r in g.runs] for g in groups] == [["old", "new"], ["other"]]
-    assert [g.name for g in groups] == [f"rnn {KEY}={CONFIG_DEFAULTS[KEY]}", f"rnn {KEY}={not CONFIG_DEFAULTS[KEY]}"]
+    # labelled G1, G2 (issue 23), each with the settings that tell it apart
+    assert [(g.label, g.shown) for g in groups] == [("G1", {KEY: str(CONFIG_DEFAULTS[KEY])}),
+                                                    ("G2", {KEY: str(not CONFIG_DEFAULTS[KEY])})]
