@@ -265,6 +265,10 @@ def run_name(out_dir: str | Path) -> str:
 # as if it had recorded the key: complete_config is the one place that decides it.
 CONFIG_DEFAULTS: dict[str, object] = {
     "dense_embedding_grad": True,  # before the flag the student's embedding took the dense AdamW update
+    "objective": "cls",  # before train_lora.py --objective every run was a classifier
+    # train_distil.py: Hinton's KL loss, and no generated transfer set (--generate 0)
+    "kd_loss": "kl", "generator": None, "generate": 0, "gen_temperature": 1.0, "gen_top_k": 0, "gen_top_p": 0.9,
+    "gen_max_tokens": 48, "gen_batch_size": 64, "gen_seed": None,
 }
 
 

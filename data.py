@@ -246,5 +246,21 @@ def iterate(ds: Dataset, batch_size: int, shuffle: bool, seed: int = 0) -> Itera
         yield collate(ds, rows)
 
 
+def lm_dataset(ds: Dataset) -> Dataset:
+    """ds's sentences as language-model sequences, each `<|endoftext|> sentence <|endoftext|>`: the model learns
+    how a sentence starts and where it ends, so sampling from `<|endoftext|>` alone gives whole sentences."""
+    return Dataset(ds.name, ds.sentences, [[PAD_TOKEN, *x, PAD_TOKEN] for x in ds.ids], ds.labels, ds.rows)
+
+
+def next_token_batch(batch: Batch) -> Batch:
+    """A batch of lm_dataset sequences, ids (B, T) -> inputs (B, T - 1) whose labels are their next tokens
+    (B, T - 1), -1 past each sequence's end. Padding is <|endoftext|>, the token a sentence ends with, so it is
+    told apart by the lengths, never by its value: it is never scored."""
+    targets = batch.ids[:, 1:].clone()  # (B, T - 1)
+    past_end = torch.arange(targets.size(1))[None, :] >= (batch.lengths - 1)[:, None]  # (B, T - 1)
+    targets[past_end] = -1
+    return Batch(batch.ids[:, :-1], batch.lengths - 1, targets, batch.index)
+
+
 def num_batches(ds: Dataset, batch_size: int) -> int:
     return -(-len(ds) // batch_size)

@@ -1,4 +1,5 @@
-"""Knowledge distillation (Hinton et al., 2015) of the LoRA-tuned GPT-2 into DistilRNN.
+"""Knowledge distillation (Hinton et al., 2015) of the LoRA-tuned GPT-2 into DistilRNN: the losses (Hinton's KL, or
+Tang et al.'s MSE on logits), the teacher-logit cache, teacher ensembles and rule-based transfer-set augmentation.
 
 The teacher is run once over the transfer set, under no_grad and the run's precision (its frozen weights
 stored in the compute dtype, as train_lora.py stores them), and its logits are cached on disk, keyed by
@@ -20,39 +21,52 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from data import Batch, Dataset, tokenize
+from errors import UserError
 from lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, build_lora_classifier, read_adapter_config
 from metrics import predict_logits
 from precision import Precision, store_frozen_weights
 
-UNLABELLED = -1  # label of augmented sentences: they carry only the teacher's soft targets
-# The run settings that make a distilled student what it is, beyond the student itself: report.py compares a
-# distilled student with the label-trained student whose settings equal its own outside these.
+UNLABELLED = -1  # label of augmented and generated sentences: they carry only the teacher's soft targets
+KD_LOSSES = ("kl", "mse")
+
+# The run settings that make a distilled student what it is, beyond the student itself (train_distil.py's flags,
+# and the generator's files, recorded only when it is used): report.py compares a distilled student with the
+# label-trained student whose settings equal its own outside these.
 DISTILLATION_KEYS = ("mode", "teacher", "temperature", "alpha", "kd_loss", "augment", "generator", "generate",
-                     "gen_temperature", "gen_top_k", "gen_top_p", "seed")
+                     "gen_temperature", "gen_top_k", "gen_top_p", "gen_max_tokens", "gen_batch_size", "gen_seed",
+                     "generator_fingerprint", "seed")
 
 
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor, temperature: float,
-            alpha: float) -> torch.Tensor:
-    """alpha * T^2 * KL(softmax(t/T) || softmax(s/T)) + (1 - alpha) * CE(s, labels).
+            alpha: float, kind: str = "kl") -> torch.Tensor:
+    """kind "kl" (Hinton et al.): alpha * T^2 * KL(softmax(t/T) || softmax(s/T)) + (1 - alpha) * CE(s, labels).
+    kind "mse" (Tang et al. 2019): alpha * MSE(s, t) + (1 - alpha) * CE(s, labels), the raw logits compared, no
+    temperature.
 
     KL takes the student's log-probabilities and, with log_target, the teacher's; "batchmean" is the true
-    KL per example. T^2 keeps the soft-target gradients on the same scale whatever T (Hinton et al.).
-    The hard term averages over labelled rows only (augmented rows have label UNLABELLED).
+    KL per example. T^2 keeps the soft-target gradients on the same scale whatever T (Hinton et al.). MSE is
+    the mean over rows and classes (torch's MSELoss, as the public reruns of Tang et al. use).
+    The hard term averages over labelled rows only (augmented and generated rows have label UNLABELLED).
     """
-    T = temperature
-    soft = F.kl_div(F.log_softmax(student_logits / T, dim=-1), F.log_softmax(teacher_logits / T, dim=-1),
-                    reduction="batchmean", log_target=True) * (T * T)
+    if kind == "mse":
+        soft = F.mse_loss(student_logits, teacher_logits)
+    else:
+        T = temperature
+        soft = F.kl_div(F.log_softmax(student_logits / T, dim=-1), F.log_softmax(teacher_logits / T, dim=-1),
+                        reduction="batchmean", log_target=True) * (T * T)
     labelled = labels != UNLABELLED
     hard = F.cross_entropy(student_logits[labelled], labels[labelled]) if labelled.any() else soft.new_zeros(())
     return alpha * soft + (1 - alpha) * hard
 
 
-def kd_loss_name(temperature: float, alpha: float) -> str:
-    """kd_loss with the run's own T and alpha: the label of its training-loss curve."""
-    return f"KD loss: {alpha:g} T² KL + {1 - alpha:g} CE, T = {temperature:g}"
+def loss_name(kind: str, temperature: float, alpha: float) -> str:
+    """What a distillation run's training loss is, for its curves' label (recorded in metrics.json)."""
+    if kind == "mse":
+        return f"MSE distillation loss: {alpha:g} MSE(logits) + {1 - alpha:g} CE"
+    return f"KD loss: {alpha:g} T² KL (T = {temperature:g}) + {1 - alpha:g} CE"
 
 
-def make_kd_loss(teacher_logits: torch.Tensor, temperature: float, alpha: float):
+def make_kd_loss(teacher_logits: torch.Tensor, temperature: float, alpha: float, kind: str = "kl"):
     """The training loss for trainer.fit: looks up each row's cached teacher logits by its dataset index. The
     table is copied to the student's device once, at its first batch, not every step."""
     table = {}
@@ -60,7 +74,7 @@ def make_kd_loss(teacher_logits: torch.Tensor, temperature: float, alpha: float)
     def loss_fn(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
         if logits.device not in table:
             table[logits.device] = teacher_logits.to(logits.device)  # (N, n_classes)
-        return kd_loss(logits, table[logits.device][batch.index], batch.labels, temperature, alpha)
+        return kd_loss(logits, table[logits.device][batch.index], batch.labels, temperature, alpha, kind)
     return loss_fn
 
 
@@ -102,14 +116,14 @@ def augment(train: Dataset, copies: int, seed: int) -> Dataset:
 
 # ---------------------------------------------------------------- the teacher-logit cache
 
-def teacher_fingerprint(teacher_dir: str | Path) -> str:
-    """Identifies the teacher: its adapter weights and config, and its base model (a hub name, or for a
-    local directory the size and modification time of each file in it)."""
+def teacher_fingerprint(teacher_dir: str | Path, objective: str = "cls") -> str:
+    """Identifies the teacher (or, objective "lm", a language-model run): its adapter weights and config, and its
+    base model (a hub name, or for a local directory the size and modification time of each file in it)."""
     teacher_dir = Path(teacher_dir)
     h = hashlib.sha256()
     for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
         h.update((teacher_dir / name).read_bytes())
-    base = Path(read_adapter_config(teacher_dir)["gpt_variant"])
+    base = Path(read_adapter_config(teacher_dir, objective)["gpt_variant"])
     if base.is_dir():
         for f in sorted(base.iterdir()):
             st = f.stat()
@@ -157,6 +171,30 @@ def teacher_logits(teacher_dir: str | Path, datasets: dict[str, Dataset], cache_
     else:
         print(f"teacher logits from cache {cache_dir}")
     return out
+
+
+def check_teachers(teacher_dirs: list[str]) -> str:
+    """The teachers of an ensemble must read sentences the same way: one base GPT-2 (hence one tokenizer and
+    vocabulary) and one set of classes. Returns that base; anything else is refused in one line."""
+    configs = {d: read_adapter_config(d) for d in teacher_dirs}
+    first, cfg0 = next(iter(configs.items()))
+    for d, cfg in configs.items():
+        for key in ("gpt_variant", "vocab_size", "n_classes"):
+            if cfg.get(key) != cfg0.get(key):
+                raise UserError(f"--teacher: {d} has {key} {cfg.get(key)!r} but {first} has {cfg0.get(key)!r}; the "
+                                "teachers of an ensemble must share their base GPT-2 and tokenizer")
+    return cfg0["gpt_variant"]
+
+
+def ensemble_logits(teacher_dirs: list[str], datasets: dict[str, Dataset], cache_dir: str | Path, batch_size: int,
+                    device: torch.device, precision: Precision,
+                    base: nn.Module | None = None) -> dict[str, torch.Tensor]:
+    """The mean of the teachers' logits (N, n_classes) for each dataset, each teacher's logits cached on their
+    own (teacher_logits), so a teacher shared by several ensembles runs once. One teacher: its own logits.
+    `base` becomes the first teacher only (a cache miss injects that teacher's LoRA into it)."""
+    per_teacher = [teacher_logits(d, datasets, cache_dir, batch_size, device, precision, base if i == 0 else None)
+                   for i, d in enumerate(teacher_dirs)]
+    return {name: torch.stack([t[name] for t in per_teacher]).mean(0) for name in datasets}  # (K, N, C) -> (N, C)
 
 
 def agreement(student: nn.Module, ds: Dataset, teacher: torch.Tensor, batch_size: int, device: torch.device,

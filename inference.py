@@ -1,7 +1,8 @@
 """Using a trained run on new sentences: a run directory becomes a ready classifier (a LoRA teacher with its
 adapter merged into the base, or a DistilRNN student), input files become sentences, sentences become
 P(acceptable), and predictions become files (JSONL, TSV, GLUE's submission). predict.py is its command line;
-bench/bench_deploy.py and the tests load runs through load_classifier too.
+bench/bench_deploy.py and the tests load runs through load_classifier too. A language-model run
+(train_lora.py --objective lm) becomes a generator instead (load_generator).
 """
 
 from __future__ import annotations
@@ -64,20 +65,38 @@ def run_kind(run_dir: Path) -> str:
 def load_teacher(run_dir: Path, base: str | None, merge: bool = True) -> GPT:
     """The LoRA classifier of a train_lora.py run, its adapter merged into the base (merge): inference then
     costs what the plain base costs. `base` replaces the GPT-2 named in adapter_config.json (a moved directory)."""
-    cfg = read_adapter_config(run_dir)
+    cfg = read_adapter_config(run_dir)  # refuses a language-model run
+    model, _ = build_lora_classifier(run_dir, load_base(run_dir, cfg, base), base_path=base)
+    if merge:
+        merge_lora(model)
+    return model
+
+
+def load_generator(run_dir: str | Path, device: torch.device, precision: Precision, base: str | None = None) -> GPT:
+    """The GPT-2 of a `train_lora.py --objective lm` run, its LM adapter merged into the base, with its
+    language-model head, in eval mode on `device` (frozen weights stored in `precision`'s compute dtype), ready
+    for GPT.generate. A classifier run is refused in one line. `base`: as for load_teacher."""
+    run_dir = Path(run_dir)
+    cfg = read_adapter_config(run_dir, objective="lm")
+    if not (run_dir / ADAPTER_WEIGHTS).is_file():
+        raise UserError(f"{run_dir} holds {ADAPTER_CONFIG} but no {ADAPTER_WEIGHTS}: not a finished run")
+    model, _ = build_lora_classifier(run_dir, load_base(run_dir, cfg, base), base_path=base, objective="lm")
+    merge_lora(model)
+    store_frozen_weights(model, precision.dtype)  # after the merge, which is done in fp32
+    return model.to(device).eval()
+
+
+def load_base(run_dir: Path, cfg: dict, base: str | None) -> GPT:
+    """The base GPT-2 a train_lora.py run was trained on (`base` overrides where it is), loaded, without LoRA."""
     variant = base or cfg["gpt_variant"]
     if not Path(variant).is_dir() and variant not in HUB_VARIANTS:
         raise UserError(f"{run_dir}'s base GPT-2 {variant} (gpt_variant in its {ADAPTER_CONFIG}) is not found: "
                         "pass the directory it now lives in as the base (predict.py --base DIR)")
     try:
-        gpt = GPT.from_pretrained(variant, n_classes=cfg["n_classes"])
+        return GPT.from_pretrained(variant, n_classes=cfg["n_classes"])
     except UserError as e:
         raise UserError(f"{run_dir}'s base GPT-2 cannot be loaded; pass a local copy with predict.py --base DIR "
                         f"({e})") from None
-    model, _ = build_lora_classifier(run_dir, gpt, variant)
-    if merge:
-        merge_lora(model)
-    return model
 
 
 def load_student(run_dir: Path) -> DistilRNN:

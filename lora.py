@@ -221,12 +221,22 @@ def save_adapter(model: nn.Module, out_dir: str | Path, config: dict) -> Path:
     return out_dir / ADAPTER_WEIGHTS
 
 
-def read_adapter_config(adapter_dir: str | Path) -> dict:
+def read_adapter_config(adapter_dir: str | Path, objective: str = "cls") -> dict:
+    """A train_lora.py run's adapter_config.json, refused unless the run was trained with --objective `objective`:
+    a classifier ("cls", the default; runs written before the flag existed are classifiers) or a language model
+    ("lm", a generator)."""
     path = Path(adapter_dir) / ADAPTER_CONFIG
     if not path.is_file():
         raise UserError(f"{path} not found: train a LoRA teacher first with `python train_lora.py` "
                         f"(its --out_dir holds the adapter)")
-    return json.loads(path.read_text())
+    config = json.loads(path.read_text())
+    found = config.get("objective", "cls")
+    if found != objective:
+        what = {"cls": "a classifier", "lm": "a language model (a generator)"}
+        raise UserError(f"{adapter_dir} is {what.get(found, repr(found))} (objective {found} in {ADAPTER_CONFIG}), "
+                        f"but {what.get(objective, objective)} is needed here: pass a run trained with "
+                        f"`python train_lora.py --objective {objective}`")
+    return config
 
 
 def load_adapter(model: nn.Module, adapter_dir: str | Path) -> None:
@@ -259,16 +269,17 @@ def check_base(adapter_dir: str | Path, cfg: dict, base_path: str) -> None:
                         "trained on")
 
 
-def build_lora_classifier(adapter_dir: str | Path, base: nn.Module | None = None,
-                          base_path: str | None = None) -> tuple[nn.Module, dict]:
+def build_lora_classifier(adapter_dir: str | Path, base: nn.Module | None = None, base_path: str | None = None,
+                          objective: str = "cls") -> tuple[nn.Module, dict]:
     """Rebuild a fine-tuned classifier from a train_lora.py output directory: the base GPT-2 named in its
     adapter_config.json (or base_path, where it now lives), LoRA injected the same way, and the saved adapter
     loaded. Another base than the one trained on, or other shapes, are refused.
 
     `base`: that GPT-2, already loaded by the caller (GPT.from_pretrained from base_path, no LoRA), so it is
     not loaded twice; it becomes the classifier (LoRA is injected into it and its head replaced by the
-    adapter's). GPT is imported at the top: model.py never imports this file, so there is no circle."""
-    cfg = read_adapter_config(adapter_dir)
+    adapter's). objective "lm": a language-model run instead, whose adapter is LoRA alone (its head is GPT-2's
+    own). GPT is imported at the top: model.py never imports this file, so there is no circle."""
+    cfg = read_adapter_config(adapter_dir, objective)
     base_path = base_path or cfg["gpt_variant"]
     model = base if base is not None else GPT.from_pretrained(base_path, n_classes=cfg["n_classes"])
     got = {k: getattr(model.config, k) for k in ("n_layer", "n_head", "n_embd", "vocab_size")}
@@ -278,7 +289,7 @@ def build_lora_classifier(adapter_dir: str | Path, base: nn.Module | None = None
                         f"'{base_path}' has {got}")
     check_base(adapter_dir, cfg, base_path)  # the same shapes: are they the same weights?
     inject_lora(model, cfg["lora_rank"], cfg["lora_alpha"], cfg["lora_dropout"], tuple(cfg["lora_targets"]),
-                cfg["rslora"])
+                cfg["rslora"], trainable=("score",) if objective == "cls" else ())
     load_adapter(model, adapter_dir)
     return model, cfg
 

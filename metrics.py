@@ -1,5 +1,6 @@
 """Scoring a classifier on a dataset: its logits in dataset order, accuracy, Matthews correlation (CoLA's
-official metric), the rate of predicted 1s, and whether it collapsed to one class.
+official metric), the rate of predicted 1s, and whether it collapsed to one class; and a language model's
+next-token loss and perplexity on a dataset's sentences.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from data import Dataset, iterate, num_batches
+from data import Dataset, iterate, next_token_batch, num_batches
 from precision import Precision
 
 
@@ -71,3 +72,24 @@ def prior_loss(ds: Dataset) -> float:
     """Cross-entropy of always predicting the label frequencies: the loss a model learns for free."""
     p = sum(ds.labels) / len(ds)
     return -sum(q * math.log(q) for q in (p, 1 - p) if q > 0)
+
+
+@torch.no_grad()
+def evaluate_lm(model: nn.Module, ds: Dataset, batch_size: int, device: torch.device, precision: Precision,
+                desc: str | None = None) -> dict:
+    """A language model on ds (data.lm_dataset sequences): the next-token loss, averaged over every scored
+    token of the set (not over batches), and its perplexity exp(loss)."""
+    was_training = model.training
+    model.eval()
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    tokens = 0
+    for batch in tqdm(iterate(ds, batch_size, shuffle=False), total=num_batches(ds, batch_size), desc=desc,
+                      leave=False, disable=desc is None):
+        batch = next_token_batch(batch).to(device)
+        with precision.autocast():
+            logits = model(batch.ids)[0].float()  # (B, T, vocab)
+        total += F.cross_entropy(logits.flatten(0, 1), batch.labels.flatten(), ignore_index=-1, reduction="sum")
+        tokens += int((batch.labels >= 0).sum())
+    model.train(was_training)
+    loss = total.item() / tokens
+    return {"loss": loss, "ppl": math.exp(loss)}

@@ -22,7 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.utils.rnn import pack_padded_sequence
 
-from cli import ArgumentParser, check_inputs, nonneg_float, pick_device, positive_int, run_cli
+from cli import ArgumentParser, check_inputs, nonneg_float, pick_device, positive_int, run_cli, unit_float
 from data import get_encoder
 from errors import OFFLINE_HINT, UserError
 
@@ -44,6 +44,8 @@ GPT2_DEFAULTS = dict(n_positions=1024, vocab_size=50257, n_layer=12, n_head=12, 
                      activation_function="gelu_new", scale_attn_weights=True, scale_attn_by_inverse_layer_idx=False,
                      reorder_and_upcast_attn=False, n_inner=None)
 HUB_TIMEOUT = 5.0  # seconds for the one request that tells whether the hub is reachable
+# One layer's key/value cache for incremental decoding: keys and values, (B, n_head, T_max, head size) each.
+KV = tuple[torch.Tensor, torch.Tensor]
 # The files of a trained student (train_distil.py): DistilRNN(**config) and its weights.
 STUDENT_WEIGHTS = "student.safetensors"
 STUDENT_CONFIG = "student_config.json"
@@ -71,15 +73,29 @@ class CausalSelfAttention(nn.Module):
         self.n_head = config.n_head
         self.dropout = config.dropout
 
-    def forward(self, x: torch.Tensor, query_idx: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, query_idx: torch.Tensor | None = None, kv: KV | None = None,
+                pos: int = 0) -> torch.Tensor:
         """x: (B, T, C). With query_idx (B,), only the row at that position of each sequence is computed,
-        attending to positions <= query_idx; the output is then (B, 1, C)."""
+        attending to positions <= query_idx; the output is then (B, 1, C).
+
+        With kv (incremental decoding), x holds positions pos .. pos + T - 1 only: their keys and values are
+        written into the cache after the pos positions already there, and each query attends to every cached
+        position up to its own."""
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)
         k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         dropout_p = self.dropout if self.training else 0.0
-        if query_idx is None:
+        if kv is not None:
+            k_cache, v_cache = kv  # (B, nh, T_max, hs) each
+            k_cache[:, :, pos:pos + T] = k
+            v_cache[:, :, pos:pos + T] = v
+            k, v = k_cache[:, :, :pos + T], v_cache[:, :, :pos + T]  # (B, nh, pos + T, hs)
+            q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+            # query i (position pos + i) sees keys 0 .. pos + i; one new token sees them all
+            mask = None if T == 1 or pos == 0 else torch.ones(T, pos + T, dtype=torch.bool, device=x.device).tril(pos)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=pos == 0 and T > 1)
+        elif query_idx is None:
             q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
         else:
@@ -111,10 +127,12 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor, query_idx: torch.Tensor | None = None) -> torch.Tensor:
-        """(B, T, C) -> (B, T, C), or (B, 1, C) holding only the query_idx rows when it is given."""
+    def forward(self, x: torch.Tensor, query_idx: torch.Tensor | None = None, kv: KV | None = None,
+                pos: int = 0) -> torch.Tensor:
+        """(B, T, C) -> (B, T, C), or (B, 1, C) holding only the query_idx rows when it is given. kv, pos:
+        incremental decoding (CausalSelfAttention.forward)."""
         if query_idx is None:
-            x = x + self.attn(self.ln_1(x))
+            x = x + self.attn(self.ln_1(x), kv=kv, pos=pos)
         else:
             x = x[torch.arange(x.size(0), device=x.device), query_idx].unsqueeze(1) + self.attn(self.ln_1(x), query_idx)
         return x + self.mlp(self.ln_2(x))
@@ -151,15 +169,17 @@ class GPT(nn.Module):
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
 
-    def _embed(self, idx: torch.Tensor) -> torch.Tensor:
+    def _embed(self, idx: torch.Tensor, pos: int = 0) -> torch.Tensor:
+        """idx (B, T), the tokens at positions pos .. pos + T - 1 -> (B, T, C)"""
         T = idx.size(1)
-        if T > self.config.block_size:
-            raise UserError(f"sequence of {T} tokens exceeds the model's block size {self.config.block_size}")
-        pos = torch.arange(T, device=idx.device)
-        return self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
+        if pos + T > self.config.block_size:
+            raise UserError(f"sequence of {pos + T} tokens exceeds the model's block size {self.config.block_size}")
+        positions = torch.arange(pos, pos + T, device=idx.device)
+        return self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(positions))  # (B, T, C)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Language modelling. idx (B, T) -> logits (B, T, vocab), and the next-token loss if targets are given."""
+        """Language modelling. idx (B, T) -> logits (B, T, vocab), and the next-token loss if targets are given
+        (targets (B, T), -1 where nothing is scored)."""
         x = self._embed(idx)
         for block in self.transformer.h:
             x = block(x)
@@ -182,28 +202,60 @@ class GPT(nn.Module):
         x = self.transformer.h[-1](x, query_idx=lengths - 1)  # (B, 1, C)
         return self.score(self.transformer.ln_f(x[:, 0]))  # (B, n_classes)
 
+    def decode(self, idx: torch.Tensor, kv: list[KV], pos: int) -> torch.Tensor:
+        """One step of incremental decoding: idx (B, T), the tokens at positions pos .. pos + T - 1, whose
+        keys and values are appended to the cache kv (one KV a layer, holding positions 0 .. pos - 1) ->
+        next-token logits (B, vocab) after the last of them. Only the new positions are computed."""
+        x = self._embed(idx, pos)  # (B, T, C)
+        for block, layer_kv in zip(self.transformer.h, kv):
+            x = block(x, kv=layer_kv, pos=pos)
+        return self.lm_head(self.transformer.ln_f(x[:, -1]))  # (B, vocab)
+
+    def empty_cache(self, batch_size: int, length: int, device: torch.device, dtype: torch.dtype) -> list[KV]:
+        """A key/value cache for batch_size sequences of up to `length` positions: one KV a layer."""
+        c = self.config
+        shape = (batch_size, c.n_head, length, c.n_embd // c.n_head)  # (B, nh, T_max, hs)
+        return [(torch.empty(shape, device=device, dtype=dtype), torch.empty(shape, device=device, dtype=dtype))
+                for _ in range(c.n_layer)]
+
     @torch.no_grad()
     def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
-                 generator: torch.Generator | None = None) -> torch.Tensor:
-        """Append max_new_tokens tokens to idx (B, T). temperature == 0 is greedy decoding.
+                 top_p: float | None = None, generator: torch.Generator | None = None,
+                 eos_token: int | None = None) -> torch.Tensor:
+        """Append max_new_tokens tokens to every row of idx (B, T) -> (B, T + max_new_tokens). temperature == 0
+        is greedy decoding; otherwise the logits are divided by temperature, cut to the top_k tokens, then to the
+        nucleus (the fewest most likely tokens holding top_p of the probability), and sampled from `generator`.
+
+        Incremental decoding: the prompts are run once, then each step runs only the tokens just chosen, their
+        keys and values appended to a cache, as transformers' generate does. A row that emits eos_token keeps
+        it from then on (callers cut at the first eos after the prompt) and leaves the batch: its cache rows are
+        dropped, so later steps compute only unfinished rows, and decoding ends when no row is left.
 
         Frozen weights stored in bf16 or fp16 (precision.store_frozen_weights) are run under that dtype's
         autocast; fp32 weights run in fp32, as they are."""
+        B, T = idx.shape
+        if T + max_new_tokens > self.config.block_size:
+            raise UserError(f"{T} prompt tokens + {max_new_tokens} new tokens exceed the model's block size "
+                            f"{self.config.block_size}")
+        out = torch.cat([idx, idx.new_full((B, max_new_tokens), EOT_TOKEN if eos_token is None else eos_token)], 1)
+        rows = torch.arange(B, device=idx.device)  # the rows of out still being decoded
         dtype = self.transformer.h[0].attn.c_attn.weight.dtype
         with torch.autocast(idx.device.type, dtype=dtype, enabled=dtype != torch.float32):
-            for _ in range(max_new_tokens):
-                idx_cond = idx[:, -self.config.block_size:]
-                logits = self(idx_cond)[0][:, -1, :].float()  # (B, vocab)
-                if temperature == 0:
-                    idx_next = logits.argmax(dim=-1, keepdim=True)
-                else:
-                    logits = logits / temperature
-                    if top_k is not None:
-                        v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
-                        logits[logits < v[:, [-1]]] = -float("inf")
-                    idx_next = torch.multinomial(F.softmax(logits, dim=-1), num_samples=1, generator=generator)
-                idx = torch.cat((idx, idx_next), dim=1)
-        return idx
+            kv = self.empty_cache(B, T + max_new_tokens, idx.device, dtype)
+            logits = self.decode(idx, kv, 0)  # (B, vocab)
+            for t in range(max_new_tokens):
+                idx_next = next_token(logits.float(), temperature, top_k, top_p, generator)  # (b,)
+                out[rows, T + t] = idx_next
+                if eos_token is not None:
+                    going = idx_next != eos_token  # (b,)
+                    if not going.all():
+                        if not going.any():
+                            break
+                        rows, idx_next = rows[going], idx_next[going]
+                        kv = [(k[going], v[going]) for k, v in kv]
+                if t + 1 < max_new_tokens:
+                    logits = self.decode(idx_next[:, None], kv, T + t)
+        return out
 
     @classmethod
     def from_pretrained(cls, name_or_path: str, dropout: float = 0.0, n_classes: int = 2) -> GPT:
@@ -251,6 +303,39 @@ class GPT(nn.Module):
         model.score.to_empty(device="cpu")
         nn.init.normal_(model.score.weight, mean=0.0, std=0.02)
         return model
+
+
+def next_token(logits: torch.Tensor, temperature: float, top_k: int | None = None, top_p: float | None = None,
+               generator: torch.Generator | None = None) -> torch.Tensor:
+    """logits (B, vocab) float32 -> the next token of each row (B,): the argmax if temperature == 0, otherwise
+    a draw from `generator` among the sampling candidates."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits, ids = candidates(logits, temperature, top_k, top_p)
+    choice = torch.multinomial(F.softmax(logits, dim=-1), num_samples=1, generator=generator)  # (B, 1)
+    return (choice if ids is None else ids.gather(1, choice))[:, 0]
+
+
+def candidates(logits: torch.Tensor, temperature: float, top_k: int | None = None,
+               top_p: float | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """What is sampled from: logits (B, vocab) / temperature, cut to the top_k tokens, then to the nucleus top_p
+    (the fewest most likely tokens holding top_p of the probability), in the order of transformers' logits
+    warpers, so the same settings sample from the same distribution. Returns the candidates' logits (B, n), -inf
+    for those cut, and their tokens (B, n), or None when candidate i is token i (no cut at all).
+
+    Only the candidates are sorted: the k of top_k (torch.topk returns them sorted), or, with top_p alone, the
+    whole vocabulary."""
+    logits = logits / temperature
+    ids = None
+    if top_k is not None and top_k < logits.size(-1):
+        logits, ids = torch.topk(logits, top_k)  # (B, k), most likely first
+    if top_p is not None and top_p < 1:
+        if ids is None:
+            logits, ids = torch.sort(logits, dim=-1, descending=True)  # (B, vocab)
+        probs = F.softmax(logits, dim=-1)
+        before = probs.cumsum(dim=-1) - probs  # the probability of the candidates more likely than each
+        logits = logits.masked_fill(before >= top_p, -float("inf"))  # the nucleus: kept until top_p is reached
+    return logits, ids
 
 
 def variant_id(name_or_path: str) -> str:
@@ -430,6 +515,9 @@ def main() -> None:
     parser.add_argument("--top_k", type=positive_int, default=200,
                         help="sample only among the k most likely tokens; a k of 50257 (the vocabulary) or more "
                              "keeps every token")
+    parser.add_argument("--top_p", type=unit_float, default=None,
+                        help="then sample only among the fewest most likely tokens holding this much probability "
+                             "(nucleus sampling; default: no cut)")
     parser.add_argument("--num_samples", type=positive_int, default=1, help="independent samples to print")
     parser.add_argument("--seed", type=int, default=1337, help="seeds the sampling")
     parser.add_argument("--device", default="auto", help="auto picks cuda, then mps, then cpu")
@@ -443,7 +531,7 @@ def main() -> None:
         idx = torch.tensor([enc.encode_ordinary(args.prompt)], device=device)
         gen = torch.Generator(device=device).manual_seed(args.seed)
         for _ in range(args.num_samples):
-            out = model.generate(idx, args.max_new_tokens, args.temperature, args.top_k, generator=gen)
+            out = model.generate(idx, args.max_new_tokens, args.temperature, args.top_k, args.top_p, generator=gen)
             print(enc.decode(out[0].tolist()))
             print("---------------")
 

@@ -60,9 +60,9 @@ def curve_figures(metrics: dict, name: str) -> dict[str, object]:
     heads every panel.
 
     Loss: train and dev cross-entropy against the gold labels beside the class-prior loss. A run whose train loss
-    is another quantity (metrics["loss_name"], recorded by the run: a distillation loss) gets a panel of its own
-    for it, labelled with that name; a run recorded before the name was gets CE_LOSS, or LEGACY_KD_LOSS in
-    distil mode.
+    is another quantity (metrics["loss_name"], recorded by the run: a distillation loss, KL or MSE with its
+    weights) gets a panel of its own for it, labelled with that name; a run recorded before the name was gets
+    CE_LOSS, or LEGACY_KD_LOSS in distil mode.
     Accuracy: accuracy beside the majority baseline, and MCC on its own axis beside 0. The baseline is drawn
     under the dev curve, so a collapsed run (dev accuracy = baseline) stays visible, its epochs marked in red.
     The kept epoch (best dev MCC) is a vertical line on every panel; no panel spans less than MIN_SPAN.
@@ -79,8 +79,9 @@ def curve_figures(metrics: dict, name: str) -> dict[str, object]:
     loss_fig, axes = plt.subplots(1, 2 if own_panel else 1, figsize=(11 if own_panel else 6, 4), squeeze=False)
     if own_panel:
         kd = axes[0, 0]
-        kd.plot(epochs, [r["train_loss"] for r in hist], marker="o", color="C2", label="train")
-        kd.set_title(f"{name}: train loss")
+        short = loss_name.split(":")[0]  # "KD loss", "MSE distillation loss"
+        kd.plot(epochs, [r["train_loss"] for r in hist], marker="o", color="C2", label=f"train {short}")
+        kd.set_title(f"{name}: train {short}")
         kd.set_ylabel(loss_name)
     ce = axes[0, -1]
     if not own_panel:
@@ -126,16 +127,57 @@ def curve_figures(metrics: dict, name: str) -> dict[str, object]:
     return {"loss": loss_fig, "accuracy": acc_fig}
 
 
+def lm_curve_figures(metrics: dict, name: str) -> dict[str, object]:
+    """{"loss": Figure, "perplexity": Figure} of a language-model run (train_lora.py --objective lm): train and
+    dev next-token loss, and dev perplexity; the kept epoch (lowest dev loss) is a vertical line on both."""
+    plt = _pyplot()
+    hist = metrics["epochs"]
+    epochs = [r["epoch"] for r in hist]
+    loss_fig, loss = plt.subplots(figsize=(6, 4))
+    loss.plot(epochs, [r["train_loss"] for r in hist], marker="o", label="train", zorder=3)
+    loss.plot(epochs, [r["val_loss"] for r in hist], marker="o", color="C1", label="dev", zorder=3)
+    loss.set_title(f"{name}: next-token loss (language model)")
+    loss.set_ylabel("cross-entropy per token")
+    ppl_fig, ppl = plt.subplots(figsize=(6, 4))
+    ppl.plot(epochs, [r["val_ppl"] for r in hist], marker="o", color="C1", label="dev", zorder=3)
+    ppl.set_title(f"{name}: dev perplexity")
+    ppl.set_ylabel("perplexity: exp(dev loss)")
+    _honest_zoom(loss, MIN_SPAN["loss"])
+    best = metrics.get("best_epoch")
+    for ax in (loss, ppl):
+        if best is not None:
+            ax.axvline(best, color="C1", alpha=0.35, linewidth=6, zorder=0, label=f"kept: epoch {best} (lowest dev loss)")
+        ax.xaxis.get_major_locator().set_params(integer=True)
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    for fig in (loss_fig, ppl_fig):
+        fig.tight_layout()
+    return {"loss": loss_fig, "perplexity": ppl_fig}
+
+
+def is_lm(metrics: dict) -> bool:
+    """A language-model run (train_lora.py --objective lm); runs without the key are classifiers."""
+    return metrics["config"].get("objective", "cls") == "lm"
+
+
+def curve_kinds(metrics: dict) -> tuple[str, ...]:
+    return ("loss", "perplexity") if is_lm(metrics) else ("accuracy", "loss")
+
+
 def curve_path(run_dir: str | Path, kind: str) -> Path:
-    """run_dir/{kind}.png, kind "loss" or "accuracy": inside the run, so no other run's curves replace them."""
+    """run_dir/{kind}.png, kind "loss", "accuracy" or (a language model) "perplexity": inside the run, so no
+    other run's curves replace them."""
     return Path(run_dir) / f"{kind}.png"
 
 
 def plot_curves(metrics: dict, name: str, run_dir: Path) -> list[Path]:
-    """run_dir/loss.png and run_dir/accuracy.png (see curve_figures); name: the run directory's name, in titles."""
+    """run_dir/loss.png and run_dir/accuracy.png (see curve_figures), or a language model's loss.png and
+    perplexity.png (lm_curve_figures); name: the run directory's name, in titles."""
     plt = _pyplot()
     paths = []
-    for kind, fig in curve_figures(metrics, name).items():
+    figures = lm_curve_figures(metrics, name) if is_lm(metrics) else curve_figures(metrics, name)
+    for kind, fig in figures.items():
         paths.append(curve_path(run_dir, kind))
         fig.savefig(paths[-1], dpi=120)
         plt.close(fig)
@@ -210,6 +252,9 @@ def load_run(path: str | Path) -> Run:
     and, where both are saved, on out-of-domain dev)."""
     path = Path(path)
     metrics = read_json(path / METRICS, "not a run directory (train_lora.py or train_distil.py --out_dir)")
+    if "config" in metrics and is_lm(metrics):
+        raise UserError(f"{path} is a language-model run (train_lora.py --objective lm): report.py compares "
+                        f"classifiers; its dev loss and perplexity are in {path / METRICS}")
     if not metrics.get("best"):
         raise UserError(f"{path / METRICS} has no completed epoch")
     preds = read_json(path / PREDICTIONS, "this run was trained before runs saved their predictions; "

@@ -48,8 +48,9 @@ class RunningMetrics:
     def update(self, loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor, rows: int | torch.Tensor,
                skipped: float | torch.Tensor = 0.0) -> None:
         """loss: the batch's mean loss (0-dim); logits (B, n_classes); labels (B,), negative for rows that
-        count in no accuracy (unlabelled -1, pad rows IGNORE_INDEX); rows: the batch's real rows; skipped: 1 if
-        the loss scaler skipped this step (its gradients overflowed), else 0."""
+        count in no accuracy (unlabelled -1, pad rows IGNORE_INDEX); rows: the batch's real rows; a language
+        model's logits (B, T, vocab), labels (B, T) its next tokens, -1 where none is scored, and rows its
+        scored tokens; skipped: 1 if the loss scaler skipped this step (its gradients overflowed), else 0."""
         s, loss = self.sums, loss.detach().to(self.sums.dtype)
         s[self.STEPS].add_(1)
         first_bad = ~torch.isfinite(loss) & (s[self.BAD_STEP] == 0)
@@ -97,7 +98,10 @@ class EagerStep:
             clip_grad_norm_(self.params, self.grad_clip)  # optim's: takes the sparse gradient of the student's wte
         self.scaler.step(self.optimizer)
         self.scaler.update()
-        self.metrics.update(loss, logits, batch.labels, batch.labels.size(0), skipped)
+        # The loss is a mean over the batch's rows, or, for a language model (labels (B, T)), over its scored
+        # next tokens: the epoch's loss weights each batch by that count.
+        weight = batch.labels.size(0) if batch.labels.dim() == 1 else (batch.labels >= 0).sum()
+        self.metrics.update(loss, logits, batch.labels, weight, skipped)
 
     def _unscale(self) -> float | torch.Tensor:
         """With loss scaling: divide the gradients by the scale (so that clipping sees their true norm) and

@@ -1,6 +1,7 @@
 """The training loop both scripts share: fit (optimizer, schedule, per-epoch evaluation, best-epoch saving)
-and its resumable checkpoints. Both models expose `classify(ids, lengths) -> logits (B, n_classes)`, which is
-all the loop needs.
+and its resumable checkpoints. What is trained is an Objective: CLASSIFY (both models expose
+`classify(ids, lengths) -> logits (B, n_classes)`, and the epoch with the best dev MCC is kept) or
+LANGUAGE_MODEL (GPT-2's next-token loss on each sentence; the epoch with the lowest dev loss is kept).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import os
 import signal
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -21,16 +23,61 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from cli import CHECKPOINT, METRICS, PREDICTIONS, complete_config
-from data import Batch, Dataset, epoch_seed, iterate, num_batches
+from data import Batch, Dataset, epoch_seed, iterate, next_token_batch, num_batches
 from errors import UserError
-from metrics import describe, evaluate, prior_loss
+from metrics import describe, evaluate, evaluate_lm, prior_loss
 from optim import AdamW
 from precision import Precision
-from report import CE_LOSS, plot_curves
+from report import plot_curves
 from train_step import EagerStep, FixedShapeStep, RunningMetrics
 
 SYNC_EVERY = 50  # steps between reads of the device-side metrics (progress bar, non-finite loss check)
 LossFn = Callable[[torch.Tensor, Batch], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Objective:
+    """What fit trains and how it chooses the epoch it keeps. The loss itself is fit's loss_fn.
+
+    forward(model) is what a step calls: (ids, lengths) -> logits. prepare turns a batch of the training set
+    into the step's batch. evaluate(model, dev set, args, device, precision) -> the epoch's dev scores: each
+    becomes a val_* key of the epoch's record; "probs", if there, goes to predictions.json instead. The kept
+    epoch has the highest (or lowest) record[select]. baselines(dev set) -> what metrics.json records beside the
+    epochs. line(record, dev set) -> the epoch's progress line after "epoch N: "."""
+    name: str
+    forward: Callable[[nn.Module], Callable[[torch.Tensor, torch.Tensor], torch.Tensor]]
+    prepare: Callable[[Batch], Batch]
+    evaluate: Callable[[nn.Module, Dataset, argparse.Namespace, torch.device, Precision], dict]
+    select: str
+    higher_is_better: bool
+    baselines: Callable[[Dataset], dict]
+    line: Callable[[dict, Dataset], str]
+
+
+CLASSIFY = Objective(
+    name="cls",
+    forward=lambda model: model.classify,
+    prepare=lambda batch: batch,
+    evaluate=lambda model, ds, args, device, precision: evaluate(model, ds, args.eval_batch_size, device, precision,
+                                                                 desc="dev"),
+    select="val_mcc", higher_is_better=True,
+    baselines=lambda ds: {"majority_baseline": {"val_acc": ds.majority_acc, "val_loss": prior_loss(ds)}},
+    line=lambda r, ds: (f"train loss {r['train_loss']:.4f} acc {r['train_acc']:.4f} | dev loss {r['val_loss']:.4f} "
+                        + describe({k[4:]: v for k, v in r.items() if k.startswith("val_")}, ds.majority_acc)),
+)
+# Sequences are data.lm_dataset's. Its logits span the vocabulary, so dev batches are --batch_size rows, as in
+# training, not --eval_batch_size. train_acc is then next-token accuracy.
+LANGUAGE_MODEL = Objective(
+    name="lm",
+    forward=lambda model: lambda ids, lengths: model(ids)[0],  # (B, T, vocab)
+    prepare=next_token_batch,
+    evaluate=lambda model, ds, args, device, precision: evaluate_lm(model, ds, args.batch_size, device, precision,
+                                                                    desc="dev"),
+    select="val_loss", higher_is_better=False,
+    baselines=lambda ds: {},
+    line=lambda r, ds: (f"train loss {r['train_loss']:.4f} next-token acc {r['train_acc']:.4f} | dev loss "
+                        f"{r['val_loss']:.4f} perplexity {r['val_ppl']:.2f}"),
+)
 
 
 # ---------------------------------------------------------------- checkpoints (safetensors + JSON, no pickle)
@@ -152,16 +199,15 @@ def ctrl_c_after_saving():
 
 def fit(model: nn.Module, train_ds: Dataset, val_ds: Dataset, loss_fn: LossFn, args: argparse.Namespace,
         config: dict, run_name: str, save_best: Callable[[], None], precision: Precision,
-        cuda_graphs: bool = False, loss_name: str = CE_LOSS) -> dict:
-    """Train for args.epochs under `precision`, evaluating on val_ds after each epoch.
+        cuda_graphs: bool = False, objective: Objective = CLASSIFY, loss_name: str | None = None) -> dict:
+    """Train `objective` for args.epochs under `precision`, evaluating on val_ds after each epoch.
 
     No step waits for the device: loss, accuracy, the first non-finite loss and the steps the fp16 loss scaler
     skipped are summed there and read every SYNC_EVERY steps. cuda_graphs: the fixed-shape step
     (train_step.FixedShapeStep), graphed on CUDA (not with fp16, which it cannot scale); its loss must ignore
-    label -100. After every epoch: metrics.json, the curves in out_dir (report.plot_curves), save_best() and the dev
-    predictions if dev MCC improved, and a resumable checkpoint (trainable weights, optimizer, scheduler, loss
-    scaler, RNG). loss_name: what loss_fn computes, recorded in metrics.json for the curves' label (report.py).
-    Returns the metrics dict.
+    label -100 (CLASSIFY only). After every epoch: metrics.json, the curves in out_dir (report.plot_curves),
+    save_best() and the dev predictions if the epoch is the best so far (objective.select), and a resumable checkpoint (trainable weights, optimizer, scheduler, loss
+    scaler, RNG). loss_name: what loss_fn is, recorded in metrics.json for the curves. Returns the metrics dict.
     """
     device = next(model.parameters()).device
     out_dir = Path(args.out_dir)
@@ -169,8 +215,7 @@ def fit(model: nn.Module, train_ds: Dataset, val_ds: Dataset, loss_fn: LossFn, a
     optimizer = make_optimizer(model, args.lr, args.weight_decay)
     steps_per_epoch = num_batches(train_ds, args.batch_size)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_linear(args.epochs * steps_per_epoch, args.warmup_ratio))
-    metrics = {"config": config, "loss_name": loss_name, "majority_baseline": {"val_acc": val_ds.majority_acc, "val_loss": prior_loss(val_ds)},
-               "epochs": [], "best_epoch": None, "best": None}
+    metrics = {"config": config, **objective.baselines(val_ds), "epochs": [], "best_epoch": None, "best": None}
 
     scaler = precision.make_scaler()
     ckpt_path = out_dir / CHECKPOINT
@@ -186,11 +231,13 @@ def fit(model: nn.Module, train_ds: Dataset, val_ds: Dataset, loss_fn: LossFn, a
         if scaler.is_enabled():
             scaler.load_state_dict(state["scaler"])  # its scale and growth tracker, where the run stopped
         restore_rng_states(tensors, device, ckpt_path)
-        metrics = {**state["metrics"], "config": config, "loss_name": loss_name}  # as this version records them
+        metrics = {**state["metrics"], "config": config}  # the config as this version records it
         print(f"resumed from {ckpt_path} after epoch {len(metrics['epochs'])}")
+    if loss_name is not None:  # what the training loss is, for the curves' label (report.py); also on a resumed
+        metrics["loss_name"] = loss_name  # run written before it was recorded
 
     running = RunningMetrics(device)
-    if cuda_graphs and device.type == "cuda" and not precision.loss_scaling:
+    if cuda_graphs and device.type == "cuda" and not precision.loss_scaling and objective is CLASSIFY:
         train_step = FixedShapeStep(model, loss_fn, optimizer, args.grad_clip, args.batch_size, running, device,
                                     precision, graphs=True)
     else:
@@ -199,7 +246,8 @@ def fit(model: nn.Module, train_ds: Dataset, val_ds: Dataset, loss_fn: LossFn, a
         elif cuda_graphs:
             print("--cuda_graphs does not support fp16 (its loss scaling is not graphed): training eagerly; "
                   "--precision bf16 or fp32 can be graphed")
-        forward = torch.compile(model.classify, dynamic=True) if args.compile else model.classify
+        forward = objective.forward(model)
+        forward = torch.compile(forward, dynamic=True) if args.compile else forward
         train_step = EagerStep(forward, loss_fn, optimizer, args.grad_clip, running, device, precision, scaler)
     compiling = args.compile and isinstance(train_step, EagerStep)  # the eager step is the compiled one
     for epoch in range(len(metrics["epochs"]) + 1, args.epochs + 1):
@@ -210,6 +258,7 @@ def fit(model: nn.Module, train_ds: Dataset, val_ds: Dataset, loss_fn: LossFn, a
         bar = tqdm(batches, total=steps_per_epoch,
                    desc=f"{run_name} epoch {epoch}/{args.epochs}", leave=False)
         for step, batch in enumerate(bar, start=1):
+            batch = objective.prepare(batch)
             if compiling:  # torch.compile compiles on the first call: say so, it can take a minute
                 tqdm.write("--compile: compiling the model on the first step (numerics differ slightly from eager)")
                 t_compile = time.time()
@@ -227,20 +276,18 @@ def fit(model: nn.Module, train_ds: Dataset, val_ds: Dataset, loss_fn: LossFn, a
                     raise UserError(f"loss is {so_far['bad_loss']} at epoch {epoch} step {so_far['bad_step']}; "
                                     f"stopped. {kept}: try a lower --lr")
                 bar.set_postfix(loss=f"{so_far['loss']:.4f}", acc=f"{so_far['acc']:.3f}")
-        val = evaluate(model, val_ds, args.eval_batch_size, device, precision, desc="dev")
+        val = objective.evaluate(model, val_ds, args, device, precision)
         record = {"epoch": epoch, "train_loss": so_far["loss"], "train_acc": so_far["acc"],
-                  "skipped_steps": so_far["skipped"],
-                  "val_loss": val["loss"], "val_acc": val["acc"], "val_mcc": val["mcc"],
-                  "val_pos_rate": val["pos_rate"], "val_collapsed": val["collapsed"],
+                  "skipped_steps": so_far["skipped"], **{f"val_{k}": v for k, v in val.items() if k != "probs"},
                   "lr": scheduler.get_last_lr()[0]}
         with ctrl_c_after_saving():  # once this line is printed, the epoch is saved, whatever Ctrl-C does
             metrics["epochs"].append(record)
-            print(f"epoch {epoch}: train loss {record['train_loss']:.4f} acc {record['train_acc']:.4f} | dev loss "
-                  f"{val['loss']:.4f} {describe(val, val_ds.majority_acc)} | {time.time() - t0:.1f}s")
-            if metrics["best"] is None or record["val_mcc"] > metrics["best"]["val_mcc"]:
+            print(f"epoch {epoch}: {objective.line(record, val_ds)} | {time.time() - t0:.1f}s")
+            if metrics["best"] is None or is_better(record, metrics["best"], objective):
                 metrics["best_epoch"], metrics["best"] = epoch, record
                 save_best()
-                save_predictions(out_dir, "dev", val_ds, val["probs"], epoch)
+                if "probs" in val:
+                    save_predictions(out_dir, "dev", val_ds, val["probs"], epoch)
             write_json(out_dir / METRICS, metrics)
             plot_curves(metrics, run_name, out_dir)
             tensors = {f"model.{k}": p for k, p in trainable.items()}
@@ -251,6 +298,12 @@ def fit(model: nn.Module, train_ds: Dataset, val_ds: Dataset, loss_fn: LossFn, a
                                                  "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
                                                  "metrics": metrics})
     return metrics
+
+
+def is_better(record: dict, best: dict, objective: Objective) -> bool:
+    """Strictly better on objective.select: of equal epochs, the first is kept."""
+    new, old = record[objective.select], best[objective.select]
+    return new > old if objective.higher_is_better else new < old
 
 
 def write_json(path: Path, obj: dict) -> None:

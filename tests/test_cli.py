@@ -86,11 +86,12 @@ def test_help_shows_every_default(script):
 def test_model_py_help_shows_every_default():
     entries = help_entries("model.py")
     assert set(entries) == {"-h", "--gpt_variant", "--prompt", "--max_new_tokens", "--temperature", "--top_k",
-                            "--num_samples", "--seed", "--device"}
+                            "--top_p", "--num_samples", "--seed", "--device"}
     shown = {k: shown_default(v) for k, v in entries.items() if k != "-h"}
     assert shown == {"--gpt_variant": "gpt2", "--prompt": "The meaning of life is", "--max_new_tokens": "50",
-                     "--temperature": "0.8", "--top_k": "200", "--num_samples": "1", "--seed": "1337",
-                     "--device": "auto"}
+                     "--temperature": "0.8", "--top_k": "200", "--top_p": None, "--num_samples": "1",
+                     "--seed": "1337", "--device": "auto"}
+    assert "default: no cut" in entries["--top_p"]  # a None default says in its help what leaving it out does
 
 
 def test_eval_batch_size_help_is_each_scripts_own():

@@ -10,7 +10,10 @@ Bugs these tests exist to catch (each planted and seen to fail a test):
 - the teacher-logit cache keyed without the rows (only split name and size), on sorted rows, on lengths or
   on the first rows only, or without the teacher; a teacher fingerprint blind to the base checkpoint's files
   (ignored, names only, or its path only);
-- perturb drawing from a fresh or global generator instead of the one it is given.
+- perturb drawing from a fresh or global generator instead of the one it is given;
+- the MSE loss: its CE term dropped or over unlabelled rows too, alpha on the wrong term, the logits softened by T,
+  a sum for a mean; a teacher ensemble that takes the first teacher, or the sum, or the mean over classes instead
+  of teachers; teachers of different bases let through.
 """
 
 from __future__ import annotations
@@ -29,7 +32,9 @@ import torch.nn.functional as F
 
 from conftest import ROOT
 from data import Dataset, collate, stratified_sample
-from distill import UNLABELLED, augment, cache_key, kd_loss, perturb, teacher_fingerprint, teacher_logits
+from distill import (UNLABELLED, augment, cache_key, check_teachers, ensemble_logits, kd_loss, perturb,
+                     teacher_fingerprint, teacher_logits)
+from errors import UserError
 from lora import build_lora_classifier, inject_lora, save_adapter
 from model import GPT, DistilRNN
 from metrics import predict_logits
@@ -65,6 +70,22 @@ Y = [0, 1, 1, 0]
 def test_kd_loss_matches_hand_computed_reference(T, alpha):
     got = kd_loss(torch.tensor(S), torch.tensor(TCH), torch.tensor(Y), T, alpha).item()
     assert got == pytest.approx(reference_kd(S, TCH, Y, T, alpha), rel=1e-5)
+
+
+def reference_mse(s: list[list[float]], t: list[list[float]], y: list[int], alpha: float) -> float:
+    """Tang et al.'s loss written out with plain floats: alpha mean_{i,c} (s - t)^2 + (1 - alpha) mean over the
+    labelled rows of CE (label UNLABELLED: no gold label)."""
+    sq = [(a - b) ** 2 for si, ti in zip(s, t) for a, b in zip(si, ti)]
+    ce = [-(si[yi] - math.log(sum(math.exp(v) for v in si))) for si, yi in zip(s, y) if yi != UNLABELLED]
+    return alpha * sum(sq) / len(sq) + (1 - alpha) * sum(ce) / len(ce)
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.3, 0.7, 1.0])
+@pytest.mark.parametrize("y", [Y, [0, UNLABELLED, 1, UNLABELLED]])
+def test_mse_kd_loss_matches_hand_computed_reference_whatever_the_temperature(alpha, y):
+    for T in (1.0, 4.0):  # Tang et al. compare raw logits: no temperature
+        got = kd_loss(torch.tensor(S), torch.tensor(TCH), torch.tensor(y), T, alpha, "mse").item()
+        assert got == pytest.approx(reference_mse(S, TCH, y, alpha), rel=1e-6)
 
 
 def test_alpha_zero_is_plain_cross_entropy():
@@ -420,8 +441,9 @@ def test_train_distil_end_to_end(lora_teacher, cola_dir, cola, mode, extra):
     for key in ("train_loss", "train_acc", "val_loss", "val_acc", "val_mcc"):
         assert all(math.isfinite(e[key]) for e in m["epochs"]), key
     assert m["best_epoch"] in (1, 2) and m["config"]["mode"] == mode and "ood_dev" in m
-    # the curves' train-loss label, from the run's own loss and its T and alpha (defaults 2 and 0.7)
-    assert m["loss_name"] == ("KD loss: 0.7 T² KL + 0.3 CE, T = 2" if mode == "distil" else "cross-entropy")
+    # the curves' train-loss label, from the run's own loss and its T and alpha (defaults 2 and 0.7); an rnn
+    # run's is the cross-entropy its curves show without a name
+    assert m.get("loss_name") == ("KD loss: 0.7 T² KL (T = 2) + 0.3 CE" if mode == "distil" else None)
     labels = [cola["dev"].labels[i] for i in stratified_sample(cola["dev"].labels, 80)]
     pos = sum(labels) / 80
     assert m["majority_baseline"]["val_acc"] == pytest.approx(max(pos, 1 - pos))
@@ -441,3 +463,38 @@ def test_distil_without_teacher_is_one_clear_line(tmp_path, cola_dir):
     assert r.returncode == 2
     assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
     assert "train_lora.py" in r.stderr and "nope" in r.stderr
+
+
+# ---------------------------------------------------------------- teacher ensembles
+
+def test_ensemble_learns_the_mean_of_its_teachers_logits(random_teacher, tmp_path, cola_dir, cola):
+    """Two teachers on one base: the ensemble's logits are the mean of each teacher's own forward pass (no cache),
+    a distillation run records both teachers and the ensemble's own dev scores, and a teacher of another base is
+    refused in one line naming both."""
+    import train_distil
+    from metrics import summarize
+    second = tmp_path / "teacher_b"
+    make_random_teacher(second, Path(json.loads((random_teacher / "adapter_config.json").read_text())["gpt_variant"]),
+                        cola, seed=99)
+    dev = cola["dev"]
+    everything = list(range(len(dev)))
+    with torch.no_grad():
+        own = [build_lora_classifier(t)[0].eval().classify(*ids_lengths(dev, everything)) for t in (random_teacher, second)]
+    assert not torch.allclose(own[0], own[1], atol=1e-3)
+    mean = (own[0] + own[1]) / 2  # (N, 2)
+    got = ensemble_logits([str(random_teacher), str(second)], {"dev": dev}, tmp_path / "cache", 256, CPU, FP32)["dev"]
+    assert torch.allclose(got, mean, atol=1e-5)
+
+    m = train_distil.train(distil_args(random_teacher, tmp_path, cola_dir, "--mode", "distil", "--teacher",
+                                       str(random_teacher), str(second), "--max_train_samples", "64", "--epochs", "1"))
+    assert m["teachers"] == [str(random_teacher), str(second)] and m["config"]["teacher"] == m["teachers"]
+    assert len(m["config"]["teacher_fingerprint"]) == 2
+    assert m["teacher_dev"]["mcc"] == pytest.approx(summarize(mean.argmax(-1), torch.tensor(dev.labels))["mcc"])
+
+    stranger = tmp_path / "stranger"
+    shutil.copytree(second, stranger)
+    cfg = json.loads((stranger / "adapter_config.json").read_text())
+    (stranger / "adapter_config.json").write_text(json.dumps({**cfg, "gpt_variant": str(tmp_path / "other_base")}))
+    with pytest.raises(UserError, match="gpt_variant.*share their base") as e:
+        check_teachers([str(random_teacher), str(stranger)])
+    assert str(stranger) in str(e.value) and "\n" not in str(e.value)

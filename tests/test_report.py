@@ -43,7 +43,7 @@ import torch.nn.functional as F
 
 import report
 from data import Dataset, epoch_seed, load_cola, stratified_sample
-from distill import cache_key
+from distill import cache_key, loss_name
 from errors import UserError
 from model import DistilRNN
 from cli import METRICS, PREDICTIONS
@@ -771,6 +771,10 @@ def test_curves_separate_loss_accuracy_and_mcc(mode):
         assert kd.get_title() == "run: train loss" and kd.get_ylabel() == report.LEGACY_KD_LOSS  # no loss_name
         assert labels_of(kd) == ["train"]  # alone: no dev cross-entropy, no class-prior line
         assert "train" not in " ".join(labels_of(ce)) and any("prior" in s for s in labels_of(ce))
+        mse = report.curve_figures({**curve_metrics(mode, collapsed=False), "loss_name": loss_name("mse", 2.0, 0.7)},
+                                   "run")["loss"].axes[0]  # the label is the run's own loss (issue 22)
+        assert "MSE" in mse.get_title() and mse.get_ylabel() == "MSE distillation loss: 0.7 MSE(logits) + 0.3 CE"
+        assert "KD" not in mse.get_title() + mse.get_ylabel() + " ".join(labels_of(mse))
     else:
         (ce,) = loss_axes
         assert "KD" not in ce.get_title() and {"train", "dev"} <= set(labels_of(ce))
