@@ -768,8 +768,8 @@ def test_curves_separate_loss_accuracy_and_mcc(mode):
     loss_axes = figs["loss"].axes
     if mode == "distil":
         kd, ce = loss_axes
-        assert kd.get_title() == "run: train loss" and kd.get_ylabel() == report.LEGACY_KD_LOSS  # no loss_name
-        assert labels_of(kd) == ["train"]  # alone: no dev cross-entropy, no class-prior line
+        assert kd.get_title() == "run: train KD loss" and kd.get_ylabel() == report.LEGACY_KD_LOSS  # no loss_name
+        assert labels_of(kd) == ["train KD loss"]  # alone: no dev cross-entropy, no class-prior line
         assert "train" not in " ".join(labels_of(ce)) and any("prior" in s for s in labels_of(ce))
         mse = report.curve_figures({**curve_metrics(mode, collapsed=False), "loss_name": loss_name("mse", 2.0, 0.7)},
                                    "run")["loss"].axes[0]  # the label is the run's own loss (issue 22)
@@ -787,7 +787,7 @@ def test_the_train_loss_label_comes_from_the_run():
     assert kd.get_ylabel() == "KD loss: 0.5 T² KL + 0.5 CE, T = 4"
     m = {**curve_metrics("rnn", collapsed=False), "loss_name": "mse"}  # any mode: a loss other than CE
     kd, ce = report.curve_figures(m, "run")["loss"].axes
-    assert kd.get_ylabel() == "mse" and labels_of(kd) == ["train"] and "train" not in labels_of(ce)
+    assert kd.get_ylabel() == "mse" and labels_of(kd) == ["train mse"] and "train" not in labels_of(ce)
     (ce,) = report.curve_figures({**m, "loss_name": report.CE_LOSS}, "run")["loss"].axes
     assert "train" in labels_of(ce)
 
