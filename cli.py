@@ -25,6 +25,7 @@ from precision import DTYPES, Precision, choose_precision, device_line
 CHECKPOINT = "checkpoint.safetensors"
 METRICS = "metrics.json"
 PREDICTIONS = "predictions.json"
+FIGURES = ("loss.png", "accuracy.png", "comparison.md", "comparison.png", "comparison.json")  # curves, comparison
 
 # Directories this process created for a run's outputs: run_cli removes the ones left empty, so a run that fails
 # before writing anything leaves nothing behind.
@@ -142,9 +143,13 @@ def add_common_args(p: argparse.ArgumentParser, *, out_dir: str, epochs: int, lr
                         "with loss scaling below (T4, V100), fp32 on CPU and MPS; the frozen base weights are "
                         "stored in bf16/fp16. Recorded in metrics.json; --resume needs the same")
     g.add_argument("--compile", action="store_true", help="torch.compile the model (CUDA)")
+    g.add_argument("--threads", type=positive_int, default=None,
+                   help="CPU threads torch computes with; on a machine shared with other jobs, fewer keep an "
+                        "epoch's time steady (default: torch's choice, one per core)")
     g.add_argument("--data_dir", default="data", help="CoLA is downloaded and extracted here")
-    g.add_argument("--out_dir", default=out_dir, help="metrics, best weights and checkpoint of this run")
-    g.add_argument("--plots_dir", default="plots", help="training curves")
+    g.add_argument("--out_dir", default=out_dir,
+                   help="this run's files: metrics, best weights, checkpoint, curves (and a student's comparison "
+                        "with its teacher); no other run writes there")
     g.add_argument("--resume", action="store_true", help="continue from the last completed epoch in --out_dir")
     g.add_argument("--overwrite", action="store_true",
                    help="replace the run already in --out_dir (its files are removed first)")
@@ -173,8 +178,10 @@ def pick_device(name: str) -> torch.device:
 
 
 def pick_hardware(args: argparse.Namespace) -> tuple[torch.device, Precision]:
-    """--device and --precision, announced in one line. args.precision becomes the precision actually used
+    """--threads, --device and --precision, announced in one line. args.precision becomes the precision actually used
     (auto resolved), so that metrics.json records it and --resume compares it."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = pick_device(args.device)
     precision = choose_precision(device, args.precision)
     args.precision = precision.name
@@ -208,7 +215,7 @@ def prepare_outputs(args: argparse.Namespace, weights: tuple[str, ...]) -> None:
         raise UserError(f"--out_dir {out_dir} already holds a run ({', '.join(earlier)}): pass --resume to "
                         "continue it, --overwrite to replace it, or another --out_dir")
     if args.overwrite:
-        for path in [out_dir / n for n in names] + [out_dir / f"{n}.tmp" for n in names]:
+        for path in [out_dir / n for n in (*names, *FIGURES)] + [out_dir / f"{n}.tmp" for n in names]:
             try:
                 path.unlink(missing_ok=True)
             except OSError as e:
@@ -216,7 +223,6 @@ def prepare_outputs(args: argparse.Namespace, weights: tuple[str, ...]) -> None:
         if earlier:
             print(f"--overwrite: removed {', '.join(earlier)} from {out_dir}")
     check_writable(out_dir, "--out_dir")
-    check_writable(args.plots_dir, "--plots_dir")
     if args.resume and not (out_dir / CHECKPOINT).is_file():
         raise UserError(f"--resume: no checkpoint at {out_dir / CHECKPOINT}; run without --resume to start")
 
@@ -248,8 +254,9 @@ def print_outputs(**files: list[Path]) -> None:
 
 
 def run_name(out_dir: str | Path) -> str:
-    """A run's name: its --out_dir's last part (runs/rnn_2 -> rnn_2). It names the run's curves and their
-    titles, in training and in report.py --curves alike, and train_distil.py's comparison file."""
+    """A run's name: its --out_dir's last part (runs/rnn_2 -> rnn_2). It heads the run's curves, in training
+    and in report.py --curves alike; the files themselves are in the run directory, so runs of one name in two
+    folders never share a file."""
     return Path(out_dir).resolve().name
 
 
@@ -273,6 +280,6 @@ def complete_config(config: dict) -> dict:
 
 def run_config(args: argparse.Namespace) -> dict:
     """The flags that define a run's results (recorded in metrics.json, compared on --resume)."""
-    skip = {"resume", "overwrite", "cuda_graphs", "eval_batch_size", "device", "compile", "out_dir", "plots_dir",
+    skip = {"resume", "overwrite", "cuda_graphs", "eval_batch_size", "device", "compile", "threads", "out_dir",
             "data_dir", "export_peft"}
     return json.loads(json.dumps({k: v for k, v in vars(args).items() if k not in skip}))

@@ -186,6 +186,9 @@ def load_cola(data_dir: str | Path, max_train_samples: int | None = None,
     for split, fname in SPLITS.items():
         limit = max_train_samples if split == "train" else max_eval_samples
         out[split] = tokenize(split, *read_tsv(raw / fname), max_samples=limit)
+        if limit is not None and limit > len(out[split]):  # not silently fewer rows than asked for
+            flag = "--max_train_samples" if split == "train" else "--max_eval_samples"
+            print(f"note: {flag} {limit} is more than {split}'s {len(out[split])} rows: all of them are used")
     return out
 
 

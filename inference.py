@@ -66,7 +66,7 @@ def load_teacher(run_dir: Path, base: str | None, merge: bool = True) -> GPT:
     """The LoRA classifier of a train_lora.py run, its adapter merged into the base (merge): inference then
     costs what the plain base costs. `base` replaces the GPT-2 named in adapter_config.json (a moved directory)."""
     cfg = read_adapter_config(run_dir)  # refuses a language-model run
-    model, _ = build_lora_classifier(run_dir, load_base(run_dir, cfg, base))
+    model, _ = build_lora_classifier(run_dir, load_base(run_dir, cfg, base), base_path=base)
     if merge:
         merge_lora(model)
     return model
@@ -80,7 +80,7 @@ def load_generator(run_dir: str | Path, device: torch.device, precision: Precisi
     cfg = read_adapter_config(run_dir, objective="lm")
     if not (run_dir / ADAPTER_WEIGHTS).is_file():
         raise UserError(f"{run_dir} holds {ADAPTER_CONFIG} but no {ADAPTER_WEIGHTS}: not a finished run")
-    model, _ = build_lora_classifier(run_dir, load_base(run_dir, cfg, base), objective="lm")
+    model, _ = build_lora_classifier(run_dir, load_base(run_dir, cfg, base), base_path=base, objective="lm")
     merge_lora(model)
     store_frozen_weights(model, precision.dtype)  # after the merge, which is done in fp32
     return model.to(device).eval()
@@ -250,10 +250,12 @@ def write_atomic(path: str | Path, text: str) -> None:
 
 
 def predictions_text(path: str | Path, inputs: Inputs, probs: torch.Tensor, labels: torch.Tensor) -> str:
-    """--output's contents: JSONL (index, sentence, label, p_acceptable) or TSV with the same columns."""
+    """--output's contents: JSONL (index, sentence, label, p_acceptable) or TSV with the same columns. A JSONL
+    index is an integer, as in GLUE's files (a non-numeric index of a GLUE file stays as written)."""
     rows = zip(inputs.index, inputs.sentences, labels.tolist(), probs.tolist())
     if Path(path).suffix.lower() == ".jsonl":
-        return "".join(json.dumps({"index": i, "sentence": s, "label": y, "p_acceptable": p}) + "\n"
+        return "".join(json.dumps({"index": int(i) if i.isdecimal() else i, "sentence": s, "label": y,
+                                   "p_acceptable": p}) + "\n"
                        for i, s, y, p in rows)
     return "index\tlabel\tp_acceptable\tsentence\n" + "".join(f"{i}\t{y}\t{p!r}\t{s}\n" for i, s, y, p in rows)
 

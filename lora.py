@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from errors import UserError
+from model import GPT, base_fingerprint
 
 # Selectable targets: the attention and MLP projections of every GPT-2 block.
 TARGETS = ("c_attn", "attn.c_proj", "c_fc", "mlp.c_proj")
@@ -257,23 +258,36 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path) -> None:
             expected[k].copy_(v)
 
 
-def build_lora_classifier(adapter_dir: str | Path, base: nn.Module | None = None,
+def check_base(adapter_dir: str | Path, cfg: dict, base_path: str) -> None:
+    """Refuse a base GPT-2 other than the one the adapter was trained on, by the fingerprint the adapter
+    recorded (model.base_fingerprint). An adapter written before fingerprints were recorded has none: then only
+    the shapes can be checked (build_lora_classifier)."""
+    want = cfg.get("base_fingerprint")
+    if want is not None and base_fingerprint(base_path) != want:
+        raise UserError(f"{Path(adapter_dir) / ADAPTER_CONFIG} was trained on the base {cfg['gpt_variant']}, and "
+                        f"{base_path} holds other weights (a different base fingerprint): pass the base it was "
+                        "trained on")
+
+
+def build_lora_classifier(adapter_dir: str | Path, base: nn.Module | None = None, base_path: str | None = None,
                           objective: str = "cls") -> tuple[nn.Module, dict]:
     """Rebuild a fine-tuned classifier from a train_lora.py output directory: the base GPT-2 named in its
-    adapter_config.json, LoRA injected the same way, and the saved adapter loaded. Mismatches are refused.
+    adapter_config.json (or base_path, where it now lives), LoRA injected the same way, and the saved adapter
+    loaded. Another base than the one trained on, or other shapes, are refused.
 
-    `base`: that GPT-2, already loaded by the caller (GPT.from_pretrained, no LoRA), so it is not loaded
-    twice; it becomes the classifier (LoRA is injected into it and its head replaced by the adapter's).
-    objective "lm": a language-model run instead, whose adapter is LoRA alone (its head is GPT-2's own)."""
-    from model import GPT
-
+    `base`: that GPT-2, already loaded by the caller (GPT.from_pretrained from base_path, no LoRA), so it is
+    not loaded twice; it becomes the classifier (LoRA is injected into it and its head replaced by the
+    adapter's). objective "lm": a language-model run instead, whose adapter is LoRA alone (its head is GPT-2's
+    own). GPT is imported at the top: model.py never imports this file, so there is no circle."""
     cfg = read_adapter_config(adapter_dir, objective)
-    model = base if base is not None else GPT.from_pretrained(cfg["gpt_variant"], n_classes=cfg["n_classes"])
+    base_path = base_path or cfg["gpt_variant"]
+    model = base if base is not None else GPT.from_pretrained(base_path, n_classes=cfg["n_classes"])
     got = {k: getattr(model.config, k) for k in ("n_layer", "n_head", "n_embd", "vocab_size")}
     want = {k: cfg[k] for k in got}
     if got != want:
         raise UserError(f"{Path(adapter_dir) / ADAPTER_CONFIG} was trained on a base with {want}, but "
-                        f"'{cfg['gpt_variant']}' has {got}")
+                        f"'{base_path}' has {got}")
+    check_base(adapter_dir, cfg, base_path)  # the same shapes: are they the same weights?
     inject_lora(model, cfg["lora_rank"], cfg["lora_alpha"], cfg["lora_dropout"], tuple(cfg["lora_targets"]),
                 cfg["rslora"], trainable=("score",) if objective == "cls" else ())
     load_adapter(model, adapter_dir)

@@ -10,6 +10,7 @@ Run it to generate text:  python model.py --gpt_variant gpt2 --prompt "The cat"
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import zipfile
@@ -384,6 +385,25 @@ def checkpoint_files(name_or_path: str) -> tuple[Path, list[Path]]:
     raise UserError(f"{path} holds no {' or '.join(WEIGHT_FILES)}: it has a config.json but no weights")
 
 
+FINGERPRINT_SLICE = 1 << 16  # bytes read at each of three places of each weight file
+
+
+def base_fingerprint(name_or_path: str) -> str:
+    """Identifies a GPT-2's exact weights, cheaply: each weight file's size and a SHA-256 of three 64 KiB slices
+    of it (its start, middle and end: tensor data, where two checkpoints of one shape differ), not a hash of the
+    whole file (1.4 GB for gpt2-medium). A LoRA adapter records its base's, so that it is never loaded onto
+    another GPT-2 of the same shape (it would run, and predict something else)."""
+    h = hashlib.sha256()
+    for path in checkpoint_files(name_or_path)[1]:
+        size = path.stat().st_size
+        h.update(f"{size}:".encode())
+        with open(path, "rb") as f:
+            for offset in (0, size // 2, max(0, size - FINGERPRINT_SLICE)):
+                f.seek(offset)
+                h.update(f.read(FINGERPRINT_SLICE))
+    return h.hexdigest()[:16]
+
+
 def hub_files(name: str) -> tuple[Path, list[Path]]:
     """config.json and the weights of a hub GPT-2: from the Hugging Face cache when they are there (no
     network), otherwise downloaded once one short request has shown the hub reachable. huggingface_hub
@@ -399,7 +419,7 @@ def hub_files(name: str) -> tuple[Path, list[Path]]:
     if config and weights:
         return config, [weights]
     if constants.HF_HUB_OFFLINE:
-        raise hub_error(name, "it is not in the Hugging Face cache, and HF_HUB_OFFLINE is set")
+        raise hub_error(name, "it is not in the Hugging Face cache, and HF_HUB_OFFLINE is set", offline=True)
     try:
         get_hf_file_metadata(hf_hub_url(name, "config.json"), timeout=HUB_TIMEOUT)  # one request, no retries
         config = Path(hf_hub_download(name, "config.json", etag_timeout=HUB_TIMEOUT))
@@ -415,11 +435,13 @@ def hub_files(name: str) -> tuple[Path, list[Path]]:
         raise hub_error(name, f"it is not in the Hugging Face cache, and the hub did not answer ({first_line(e)})")
 
 
-def hub_error(name: str, why: str) -> UserError:
+def hub_error(name: str, why: str, offline: bool = False) -> UserError:
+    """offline: HF_HUB_OFFLINE is already set, so the message does not advise setting it."""
+    cache = ("" if offline else "; or, with the weights in the Hugging Face cache, set HF_HUB_OFFLINE=1 so that "
+             "the network is never tried")
     return UserError(f"could not load GPT-2 weights '{name}': {why}. Offline, pass a local directory instead: "
                      "--gpt_variant /path/to/checkpoint (made by transformers' save_pretrained, or a copy of the "
-                     "hub's files); or, with the weights in the Hugging Face cache, set HF_HUB_OFFLINE=1 so that "
-                     f"the network is never tried{OFFLINE_HINT}")
+                     f"hub's files){cache}{OFFLINE_HINT}")
 
 
 def first_line(e: BaseException) -> str:

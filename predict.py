@@ -81,7 +81,7 @@ def predict(args: argparse.Namespace) -> None:
 
 
 def main() -> None:
-    args = build_parser().parse_args()
+    args = build_parser().parse_intermixed_args()  # sentences and options in any order
     run_cli(lambda: predict(args))
 
 

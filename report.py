@@ -2,7 +2,10 @@
 
     python report.py runs/lora_* runs/rnn_* runs/distil_*     # plots/comparison.md, .png and .json
     python report.py runs --name all                          # every run below runs/, at any depth: plots/all.*
-    python report.py --curves runs/distil                     # redraw plots/distil_{loss,accuracy}.png
+    python report.py --curves runs/distil                     # redraw runs/distil/{loss,accuracy}.png
+
+A run's own files (its curves, a student's comparison with its teacher) live in its run directory; plots/ holds
+only what report.py is asked to write there (--plots_dir, --name).
 
 Runs whose settings differ only in --seed (and --cache_dir) form a group, labelled G1, G2, ... with a key to
 their settings. Each group gets its mean ± std over seeds and a 95% two-level bootstrap interval (runs, then
@@ -38,6 +41,8 @@ def _pyplot():
     return plt
 
 
+CE_LOSS = "cross-entropy"  # metrics["loss_name"] of a run trained on the gold labels alone
+LEGACY_KD_LOSS = "KD loss: alpha T² KL + (1 - alpha) CE"  # the train loss of a distil run that recorded no name
 MIN_SPAN = {"loss": 0.2, "accuracy": 0.1, "mcc": 0.2}  # smallest y-range of a curve panel (see _honest_zoom)
 
 
@@ -54,9 +59,10 @@ def curve_figures(metrics: dict, name: str) -> dict[str, object]:
     """{"loss": Figure, "accuracy": Figure} of one run's per-epoch records; `name` (the run directory's name)
     heads every panel.
 
-    Loss: train and dev cross-entropy against the gold labels beside the class-prior loss. In distil mode the
-    train loss is the distillation loss the run recorded (metrics["loss_name"]: KL or MSE, with its weights),
-    another quantity: it gets a panel of its own.
+    Loss: train and dev cross-entropy against the gold labels beside the class-prior loss. A run whose train loss
+    is another quantity (metrics["loss_name"], recorded by the run: a distillation loss, KL or MSE with its
+    weights) gets a panel of its own for it, labelled with that name; a run recorded before the name was gets
+    CE_LOSS, or LEGACY_KD_LOSS in distil mode.
     Accuracy: accuracy beside the majority baseline, and MCC on its own axis beside 0. The baseline is drawn
     under the dev curve, so a collapsed run (dev accuracy = baseline) stays visible, its epochs marked in red.
     The kept epoch (best dev MCC) is a vertical line on every panel; no panel spans less than MIN_SPAN.
@@ -66,23 +72,24 @@ def curve_figures(metrics: dict, name: str) -> dict[str, object]:
     epochs = [r["epoch"] for r in hist]
     majority, prior = metrics["majority_baseline"]["val_acc"], metrics["majority_baseline"]["val_loss"]
     collapsed = [r for r in hist if r["val_collapsed"]]
-    distil = metrics["config"].get("mode") == "distil"
+    loss_name = metrics.get("loss_name") or (LEGACY_KD_LOSS if metrics["config"].get("mode") == "distil"
+                                             else CE_LOSS)
+    own_panel = loss_name != CE_LOSS  # the train loss is not the dev loss's quantity: a panel of its own
 
-    loss_fig, axes = plt.subplots(1, 2 if distil else 1, figsize=(11 if distil else 6, 4), squeeze=False)
-    if distil:
+    loss_fig, axes = plt.subplots(1, 2 if own_panel else 1, figsize=(11 if own_panel else 6, 4), squeeze=False)
+    if own_panel:
         kd = axes[0, 0]
-        described = metrics.get("loss_name", "KD loss: alpha T² KL + (1 - alpha) CE")  # older runs: KL, unrecorded
-        short = described.split(":")[0]  # "KD loss", "MSE distillation loss"
+        short = loss_name.split(":")[0]  # "KD loss", "MSE distillation loss"
         kd.plot(epochs, [r["train_loss"] for r in hist], marker="o", color="C2", label=f"train {short}")
-        kd.set_title(f"{name}: train {short} (teacher soft targets + labels)")
-        kd.set_ylabel(described)
+        kd.set_title(f"{name}: train {short}")
+        kd.set_ylabel(loss_name)
     ce = axes[0, -1]
-    if not distil:
+    if not own_panel:
         ce.plot(epochs, [r["train_loss"] for r in hist], marker="o", label="train", zorder=3)
     ce.plot(epochs, [r["val_loss"] for r in hist], marker="o", color="C1", label="dev", zorder=3)
     ce.axhline(prior, color="gray", linestyle="--", zorder=1,
                label=f"class prior ({prior:.3f}): the dev loss of\npredicting the label rate for every sentence")
-    ce.set_title(f"{name}: {'dev ' if distil else ''}cross-entropy against the gold labels")
+    ce.set_title(f"{name}: {'dev ' if own_panel else ''}cross-entropy against the gold labels")
     ce.set_ylabel("cross-entropy")
 
     acc_fig, (acc, mcc) = plt.subplots(1, 2, figsize=(11, 4))
@@ -108,7 +115,10 @@ def curve_figures(metrics: dict, name: str) -> dict[str, object]:
     for ax in (*axes.flat, acc, mcc):
         if best is not None:
             ax.axvline(best, color="C1", alpha=0.35, linewidth=6, zorder=0, label=f"kept: epoch {best} (best dev MCC)")
-        ax.xaxis.get_major_locator().set_params(integer=True)
+        if epochs[-1] - epochs[0] < 10:  # matplotlib's integer locator gives up below 2 integers (0.96 ... 1.04)
+            ax.set_xticks(range(epochs[0], epochs[-1] + 1))
+        else:
+            ax.xaxis.get_major_locator().set_params(integer=True)
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
@@ -155,19 +165,20 @@ def curve_kinds(metrics: dict) -> tuple[str, ...]:
     return ("loss", "perplexity") if is_lm(metrics) else ("accuracy", "loss")
 
 
-def curve_path(plots_dir: str | Path, name: str, kind: str) -> Path:
-    """plots_dir/{name}_{kind}.png, kind "loss", "accuracy" or (a language model) "perplexity"."""
-    return Path(plots_dir) / f"{name}_{kind}.png"
+def curve_path(run_dir: str | Path, kind: str) -> Path:
+    """run_dir/{kind}.png, kind "loss", "accuracy" or (a language model) "perplexity": inside the run, so no
+    other run's curves replace them."""
+    return Path(run_dir) / f"{kind}.png"
 
 
-def plot_curves(metrics: dict, name: str, plots_dir: Path) -> list[Path]:
-    """plots_dir/{name}_loss.png and {name}_accuracy.png (see curve_figures), or a language model's
-    {name}_loss.png and {name}_perplexity.png (lm_curve_figures); name: the run directory's name."""
+def plot_curves(metrics: dict, name: str, run_dir: Path) -> list[Path]:
+    """run_dir/loss.png and run_dir/accuracy.png (see curve_figures), or a language model's loss.png and
+    perplexity.png (lm_curve_figures); name: the run directory's name, in titles."""
     plt = _pyplot()
     paths = []
     figures = lm_curve_figures(metrics, name) if is_lm(metrics) else curve_figures(metrics, name)
     for kind, fig in figures.items():
-        paths.append(curve_path(plots_dir, name, kind))
+        paths.append(curve_path(run_dir, kind))
         fig.savefig(paths[-1], dpi=120)
         plt.close(fig)
     return paths
@@ -323,6 +334,13 @@ def make_groups(runs: list[Run]) -> list[Group]:
         if twin:  # a copied run would count twice and shrink the std
             raise UserError(f"{twin.path} and {r.path} are runs of the same config and seed; give each run once")
         by_key.setdefault(group_key(r), []).append(r)
+    for rs in by_key.values():  # one base name, two sets of weights (a checkpoint directory replaced in between)
+        prints = {r.metrics["base_fingerprint"]: r for r in rs if r.metrics.get("base_fingerprint")}
+        if len(prints) > 1:
+            a, b = list(prints.values())[:2]
+            raise UserError(f"{a.path} and {b.path} have one config but were trained on different base weights "
+                            f"(base_fingerprint in their {METRICS}): the base GPT-2 changed between them; they "
+                            "are not seeds of one recipe")
     dev_order = list(dict.fromkeys(r.dev_key for r in runs))
     members = sorted(by_key.values(), key=lambda rs: (-len(rs[0].predictions["dev"]["labels"]),
                                                       dev_order.index(rs[0].dev_key),
@@ -764,8 +782,8 @@ def report_figure(report: dict):
 
 
 def comparison_paths(plots_dir: str | Path, name: str) -> tuple[Path, Path, Path]:
-    """plots_dir/{name}.md, {name}.png and {name}.json: report.py's --name, or train_distil.py's
-    comparison_{run name}."""
+    """plots_dir/{name}.md, {name}.png and {name}.json: report.py's --plots_dir and --name, or a student run's own
+    run_dir/comparison.{md,png,json}."""
     return tuple(Path(plots_dir) / f"{name}.{ext}" for ext in ("md", "png", "json"))
 
 
@@ -812,22 +830,23 @@ def main() -> None:
     p = ArgumentParser(description=__doc__)
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR",
                    help="train_lora.py / train_distil.py --out_dir, or a folder holding such runs at any depth")
-    p.add_argument("--plots_dir", default="plots", help="where the comparison (or, with --curves, the curves) go")
+    p.add_argument("--plots_dir", default="plots", help="where the comparison goes")
     p.add_argument("--name", default="comparison",
                    help="file stem of the comparison: plots_dir/NAME.md, NAME.png and NAME.json")
     p.add_argument("--curves", action="store_true",
-                   help="redraw each run's loss and accuracy curves from its metrics.json instead")
+                   help="redraw each run's loss and accuracy curves from its metrics.json instead, in its own "
+                        "directory (RUN_DIR/loss.png, RUN_DIR/accuracy.png)")
     args = p.parse_args()
 
     def run() -> None:
-        check_writable(args.plots_dir, "--plots_dir")
         dirs = find_runs(args.run_dirs)
         if args.curves:
             for d in dirs:
                 metrics = read_json(d / METRICS, "not a run directory")
-                for path in plot_curves(metrics, run_name(d), Path(args.plots_dir)):
+                for path in plot_curves(metrics, run_name(d), check_writable(d, "RUN_DIR")):
                     print(f"wrote {path}")
             return
+        check_writable(args.plots_dir, "--plots_dir")
         text, _ = compare(dirs, args.plots_dir, args.name)
         print(text)
         md, png, js = comparison_paths(args.plots_dir, args.name)

@@ -8,9 +8,8 @@
 The README's "Distillation recipes" says where each option comes from and what it is for.
 
 Writes out_dir/metrics.json, the best epoch's student (student.safetensors + student_config.json) and
-predictions (predictions.json), a resumable checkpoint, and in plots_dir the curves {name}_{loss,accuracy}.png
-and comparison_{name}.{md,png} of this run and its teacher, where name is out_dir's last part (rnn for
-runs/rnn): each run's comparison has a name of its own (report.py compares more runs).
+predictions (predictions.json), a resumable checkpoint, the curves {loss,accuracy}.png and comparison.{md,png}
+of this run and its teacher, all in out_dir: no other run replaces them (report.py compares more runs, into plots/).
 """
 
 from __future__ import annotations
@@ -29,7 +28,8 @@ from distill import (KD_LOSSES, UNLABELLED, agreement, augment, check_teachers, 
                      make_kd_loss, teacher_fingerprint)
 from errors import UserError
 from lora import ADAPTER_CONFIG, parameter_summary, read_adapter_config
-from model import DEFAULT_VARIANT, GPT, STUDENT_CONFIG, STUDENT_WEIGHTS, DistilRNN, find_weights, variant_id
+from model import (DEFAULT_VARIANT, GPT, STUDENT_CONFIG, STUDENT_WEIGHTS, DistilRNN, base_fingerprint, find_weights,
+                   variant_id)
 from cli import (CHECKPOINT, METRICS, PREDICTIONS, ArgumentParser, add_common_args, check_inputs, dropout_float,
                  nonneg_int, pick_hardware, positive_float, positive_int, prepare_outputs, print_outputs, run_cli,
                  complete_config, run_config, run_name, unit_float)
@@ -202,6 +202,8 @@ def train(args: argparse.Namespace) -> dict:
             check_teacher_unchanged(args, config["teacher_fingerprint"])
     if args.generate:
         config["generator_fingerprint"] = teacher_fingerprint(args.generator, "lm")
+    fingerprint = base_fingerprint(args.gpt_variant) if args.init_embeddings == "gpt2" else None
+    note_other_base(teachers[0], args.gpt_variant, fingerprint)
     torch.manual_seed(args.seed)
     data = load_cola(args.data_dir, args.max_train_samples, args.max_eval_samples)
 
@@ -227,6 +229,7 @@ def train(args: argparse.Namespace) -> dict:
             train_set = Dataset(f"{train_set.name}+generated", train_set.sentences + generated.sentences,
                                 train_set.ids + generated.ids, train_set.labels + generated.labels)
         same_base = base is not None and args.gpt_variant == read_adapter_config(teachers[0])["gpt_variant"]
+        # (the same path with other weights than the teacher's: build_lora_classifier refuses it as the teacher)
         logits = ensemble_logits(teachers, {"train": train_set, "dev": data["dev"]}, args.cache_dir,
                                  args.eval_batch_size, device, precision, base=base if same_base else None)
         loss_fn = make_kd_loss(logits["train"], args.temperature, args.alpha, args.kd_loss)
@@ -260,12 +263,26 @@ def train(args: argparse.Namespace) -> dict:
               f"mcc {metrics['teacher_dev']['mcc']:.4f}")
     if transfer is not None:
         metrics["transfer_set"] = transfer
+    if fingerprint is not None:
+        metrics["base_fingerprint"] = fingerprint  # report.py tells apart bases of one name
     write_json(out_dir / METRICS, metrics)
-    comparison = compare_runs(teachers, args, out_dir, name)
+    comparison = compare_runs(teachers, args, out_dir)
     print_outputs(metrics=[out_dir / METRICS, out_dir / PREDICTIONS], weights=[out_dir / STUDENT_WEIGHTS, out_dir / STUDENT_CONFIG],
                   checkpoint=[out_dir / CHECKPOINT],
-                  plots=[*(report.curve_path(args.plots_dir, name, k) for k in ("accuracy", "loss")), *comparison])
+                  plots=[*(report.curve_path(out_dir, k) for k in ("accuracy", "loss")), *comparison])
     return metrics
+
+
+def note_other_base(teacher: str, gpt_variant: str | None, fingerprint: str | None) -> None:
+    """Say in one line, at the start, when the student's embedding comes from another GPT-2 than its teacher's
+    base: a legitimate experiment, but not the default recipe (the teacher's own wte), so it must not go unseen."""
+    if fingerprint is None or not (Path(teacher) / ADAPTER_CONFIG).is_file():
+        return
+    cfg = read_adapter_config(teacher)
+    teacher_fp = cfg.get("base_fingerprint")  # absent in an adapter written before fingerprints: compare paths
+    if (teacher_fp != fingerprint) if teacher_fp is not None else (variant_id(cfg["gpt_variant"]) != gpt_variant):
+        print(f"note: the student's embedding comes from {gpt_variant}, a different base than its teacher's "
+              f"({cfg['gpt_variant']}, in {Path(teacher) / ADAPTER_CONFIG})")
 
 
 def check_teacher_unchanged(args: argparse.Namespace, fingerprint: str | list[str]) -> None:
@@ -277,11 +294,11 @@ def check_teacher_unchanged(args: argparse.Namespace, fingerprint: str | list[st
                         f"{args.teacher} (retrained since?); start afresh without --resume")
 
 
-def compare_runs(teachers: list[str], args: argparse.Namespace, out_dir: Path, name: str) -> tuple[Path, Path]:
+def compare_runs(teachers: list[str], args: argparse.Namespace, out_dir: Path) -> tuple[Path, Path, Path]:
     """report.py's comparison of this run and its teachers (those that saved predictions), and nothing else:
     runs that merely lie beside out_dir may have been made with other data or another teacher.
-    Written to plots_dir/comparison_{name}.{md,png}, so that the rnn and the distil run do not overwrite each
-    other's. Returns those two paths."""
+    Written to out_dir/comparison.{md,png,json}: a run's comparison is its own, and no other run replaces it.
+    Returns those three paths."""
     dirs = []
     for teacher in teachers:
         try:
@@ -290,10 +307,11 @@ def compare_runs(teachers: list[str], args: argparse.Namespace, out_dir: Path, n
         except UserError as e:
             print(f"not comparing with the teacher {teacher}: {e}")
     dirs.append(out_dir)
-    table, _ = report.compare(dirs, args.plots_dir, f"comparison_{name}")
-    paths = report.comparison_paths(args.plots_dir, f"comparison_{name}")
+    table, _ = report.compare(dirs, out_dir, "comparison")
+    paths = report.comparison_paths(out_dir, "comparison")
     print(table)
-    print(f"comparison written to {paths[0]} and {paths[1]}; to compare with other runs (the other student, more "
+    print(f"comparison written to {paths[0]}, {paths[1]} and {paths[2]}; to compare with other runs (the other "
+          "student, more "
           f"seeds): python report.py {' '.join(map(str, dirs))} OTHER_RUN_DIRS")
     return paths
 

@@ -6,12 +6,12 @@
 
 Writes out_dir/metrics.json, the best epoch's adapter (out_dir/adapter.safetensors + adapter_config.json)
 and dev/out-of-domain predictions (predictions.json), a resumable checkpoint, and the curves
-plots_dir/{name}_{loss,accuracy}.png, where name is out_dir's last part (lora for runs/lora).
+out_dir/{loss,accuracy}.png: a run's files are all in its out_dir, where no other run writes.
 
 --objective lm trains the same LoRA with GPT-2's next-token loss on the training sentences, each read as
 `<|endoftext|> sentence <|endoftext|>` (labels unused, padding never scored), and keeps the epoch with the lowest
 dev loss. Its adapter (LoRA alone: the head is GPT-2's own LM head) is a generator (inference.load_generator),
-never a classifier teacher; it writes no predictions.json, and its curves are {name}_{loss,perplexity}.png.
+never a classifier teacher; it writes no predictions.json, and its curves are out_dir/{loss,perplexity}.png.
 Its dev batches are --batch_size rows (their logits span the vocabulary); --eval_batch_size is not used.
 """
 
@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from data import Batch, ensure_cola, get_encoder, lm_dataset, load_cola, sample_record
 from lora import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, TARGETS, export_peft, inject_lora, load_adapter, parameter_summary,
                   save_adapter)
-from model import DEFAULT_VARIANT, GPT, find_weights
+from model import DEFAULT_VARIANT, GPT, base_fingerprint, find_weights
 from cli import (CHECKPOINT, METRICS, PREDICTIONS, ArgumentParser, add_common_args, check_inputs, dropout_float,
                  pick_hardware, positive_float, positive_int, prepare_outputs, print_outputs, run_cli, run_config,
                  run_name)
@@ -93,7 +93,8 @@ def train(args: argparse.Namespace) -> dict:
     adapter_config = {"gpt_variant": variant, "objective": args.objective, "lora_rank": args.lora_rank,
                       "lora_alpha": args.lora_alpha, "lora_dropout": args.lora_dropout, "lora_targets": list(targets),
                       "rslora": args.rslora, "n_layer": c.n_layer, "n_head": c.n_head, "n_embd": c.n_embd,
-                      "vocab_size": c.vocab_size, "n_classes": c.n_classes}
+                      "vocab_size": c.vocab_size, "n_classes": c.n_classes,
+                      "base_fingerprint": base_fingerprint(args.gpt_variant)}
     print(f"train {len(data['train'])} sentences, dev {len(data['dev'])}, out-of-domain dev {len(data['ood_dev'])}")
     config = {**run_config(args), "data": sample_record(data)}
     if lm:
@@ -107,7 +108,7 @@ def train(args: argparse.Namespace) -> dict:
                   loss_name="LM: next-token cross-entropy, mean over tokens" if lm else None)
 
     load_adapter(model, args.out_dir)  # the best epoch, not the last
-    out, plots = Path(args.out_dir), Path(args.plots_dir)
+    out = Path(args.out_dir)
     if lm:  # reported, never used to choose an epoch
         metrics["ood_dev"] = evaluate_lm(model, data["ood_dev"], args.batch_size, device, precision, desc="ood dev")
         best, ood = metrics["best"], metrics["ood_dev"]
@@ -115,13 +116,14 @@ def train(args: argparse.Namespace) -> dict:
         print(f"out-of-domain dev: loss {ood['loss']:.4f} perplexity {ood['ppl']:.2f}")
     else:
         report_ood(metrics, model, data["ood_dev"], args.eval_batch_size, device, precision, out)
+    metrics["base_fingerprint"] = adapter_config["base_fingerprint"]  # report.py tells apart bases of one name
     write_json(out / "metrics.json", metrics)
     if args.export_peft:
         export_peft(model, adapter_config, args.export_peft)
         print(f"PEFT adapter written to {args.export_peft}")
     print_outputs(metrics=[out / METRICS] + ([] if lm else [out / PREDICTIONS]),
                   weights=[out / ADAPTER_WEIGHTS, out / ADAPTER_CONFIG], checkpoint=[out / CHECKPOINT],
-                  plots=[curve_path(plots, run_name(out), k) for k in curve_kinds(metrics)])
+                  plots=[curve_path(out, k) for k in curve_kinds(metrics)])
     return metrics
 
 

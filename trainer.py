@@ -210,12 +210,12 @@ def fit(model: nn.Module, train_ds: Dataset, val_ds: Dataset, loss_fn: LossFn, a
     scaler skipped are summed there and read every SYNC_EVERY steps. (A teacher step has no host sync; a student
     step has one, its sparse gradient's coalesce(): docs/precision.md.) cuda_graphs: the fixed-shape step
     (train_step.FixedShapeStep), graphed on CUDA (not with fp16, which it cannot scale); its loss must ignore
-    label -100 (CLASSIFY only). After every epoch: metrics.json, the curves (report.plot_curves), save_best() and
-    the dev predictions if the epoch is the best so far (objective.select), and a resumable checkpoint (trainable weights, optimizer, scheduler, loss
+    label -100 (CLASSIFY only). After every epoch: metrics.json, the curves in out_dir (report.plot_curves),
+    save_best() and the dev predictions if the epoch is the best so far (objective.select), and a resumable checkpoint (trainable weights, optimizer, scheduler, loss
     scaler, RNG). loss_name: what loss_fn is, recorded in metrics.json for the curves. Returns the metrics dict.
     """
     device = next(model.parameters()).device
-    out_dir, plots_dir = Path(args.out_dir), Path(args.plots_dir)
+    out_dir = Path(args.out_dir)
     trainable = {k: p for k, p in model.named_parameters() if p.requires_grad}
     optimizer = make_optimizer(model, args.lr, args.weight_decay)
     steps_per_epoch = num_batches(train_ds, args.batch_size)
@@ -296,7 +296,7 @@ def fit(model: nn.Module, train_ds: Dataset, val_ds: Dataset, loss_fn: LossFn, a
                 if "probs" in val:
                     save_predictions(out_dir, "dev", val_ds, val["probs"], epoch)
             write_json(out_dir / METRICS, metrics)
-            plot_curves(metrics, run_name, plots_dir)
+            plot_curves(metrics, run_name, out_dir)
             tensors = {f"model.{k}": p for k, p in trainable.items()}
             opt_tensors, opt_meta = optimizer_tensors(optimizer)
             tensors.update(opt_tensors)

@@ -75,7 +75,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         args = argparse.Namespace(epochs=1, lr=2e-3, batch_size=a.batch_size, eval_batch_size=a.batch_size,
                                   weight_decay=0.01, warmup_ratio=0.06, grad_clip=1.0, seed=0, resume=False,
-                                  compile=False, out_dir=tmp, plots_dir=tmp)
+                                  compile=False, out_dir=tmp)
         for rep in range(a.repeats + 1):  # the first round is warm-up
             for name, loss_fn in variants.items():
                 torch.manual_seed(0)

@@ -194,7 +194,7 @@ main() {  # the steps; their output goes to the terminal and $LOGS/gpu_check.log
   run bench_lora $PY bench/bench_lora.py "${BENCH[@]}" --data-dir "$DATA" --cache-dir "$BENCH_CACHE"
   grep -E '^\| +\| ours|^\| (training|MFU|eval|peak)' "$WORK/bench_lora.log" >>"$WORK/notes.txt"
 
-  LORA=(--gpt_variant "$CKPT" --data_dir "$DATA" --plots_dir "$WORK/plots" "${SMALL[@]}" --epochs 1)
+  LORA=(--gpt_variant "$CKPT" --data_dir "$DATA" "${SMALL[@]}" --epochs 1)
   run epoch_bf16 $PY train_lora.py "${LORA[@]}" --precision bf16 --out_dir "$WORK/epoch_bf16" \
     && run_note epoch_bf16 "$WORK/epoch_bf16"
   run epoch_fp16 $PY train_lora.py "${LORA[@]}" --precision fp16 --out_dir "$WORK/epoch_fp16" \
@@ -207,7 +207,7 @@ main() {  # the steps; their output goes to the terminal and $LOGS/gpu_check.log
   TEACHER=$WORK/epoch_bf16; [ -f "$TEACHER/metrics.json" ] || TEACHER=$WORK/epoch_graphs
   if [ -f "$TEACHER/metrics.json" ]; then
     run distil $PY train_distil.py --mode distil --teacher "$TEACHER" --data_dir "$DATA" "${SMALL[@]}" --epochs 2 \
-      --out_dir "$WORK/distil" --cache_dir "$WORK/cache" --plots_dir "$WORK/plots" && run_note distil "$WORK/distil"
+      --out_dir "$WORK/distil" --cache_dir "$WORK/cache" && run_note distil "$WORK/distil"
   else
     # not a failure of its own: the runs that make the teacher failed (counted already) or were skipped
     printf 'distil\t-\tskipped: no teacher (no train_lora.py run finished)\n' >>"$SUMMARY"

@@ -1,7 +1,7 @@
 """Shared fixtures. Real CoLA and real tiktoken: from GPT2_COLA_DIR and TIKTOKEN_CACHE_DIR when set (a machine
 with no network: bench/gpu_check.sh sets them to its carried folder), else from ../shared when it is there (CI,
-offline), otherwise downloaded once through data.py's own downloader and tiktoken's, into a cache (a user's
-fresh clone)."""
+offline), else from the clone's own cola/ and tiktoken/ where the README's quick start puts them, otherwise
+downloaded once through data.py's own downloader and tiktoken's, into a cache (a user's fresh clone)."""
 
 from __future__ import annotations
 
@@ -15,15 +15,17 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
 sys.path.insert(0, str(ROOT))
 
-if (SHARED / "tiktoken").is_dir():
-    os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(SHARED / "tiktoken"))
+LOCAL = [SHARED, ROOT]  # ../shared (CI), then the clone itself (the quick start's cola/ and tiktoken/)
+TIKTOKEN_DIR = next((d / "tiktoken" for d in LOCAL if (d / "tiktoken").is_dir()), None)
+if TIKTOKEN_DIR:
+    os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(TIKTOKEN_DIR))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the hub; local checkpoints only
 COLA_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "gpt2-lora-cola"
 # a --data_dir that already holds CoLA's cola_public/raw/, or None: then COLA_CACHE, filled on first use
 if os.environ.get("GPT2_COLA_DIR"):
     COLA_DIR: Path | None = Path(os.environ["GPT2_COLA_DIR"]).resolve()
 else:
-    COLA_DIR = SHARED / "cola" if (SHARED / "cola" / "cola_public" / "raw").is_dir() else None
+    COLA_DIR = next((d / "cola" for d in LOCAL if (d / "cola" / "cola_public" / "raw").is_dir()), None)
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:

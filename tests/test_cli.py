@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import re
 import shutil
 import signal
@@ -36,7 +37,8 @@ from safetensors.torch import load_file
 from conftest import ROOT
 from test_robustness import (ENV, EPOCHS, LORA_ROWS, TIMEOUT, cli, distil_args, error_line, in_process, lora_args, ok,
                              sha256)
-from cli import CHECKPOINT, METRICS, PREDICTIONS
+from cli import CHECKPOINT, METRICS, PREDICTIONS, pick_hardware, run_config
+from train_distil import build_parser as distil_parser
 from trainer import load_checkpoint
 
 OFFLINE = {"HTTPS_PROXY": "http://127.0.0.1:9", "HTTP_PROXY": "http://127.0.0.1:9", "NO_PROXY": "", "no_proxy": ""}
@@ -122,7 +124,7 @@ def test_offline_the_first_failure_names_every_missing_input(tmp_path):
     (tmp_path / "empty").mkdir()
     out = tmp_path / "runs" / "lora"
     r = cli("train_lora.py", "--gpt_variant", str(tmp_path / "ckpt"), "--data_dir", str(tmp_path / "data"),
-            "--out_dir", str(out), "--plots_dir", str(tmp_path / "plots"), "--device", "cpu",
+            "--out_dir", str(out), "--device", "cpu",
             env={**OFFLINE, "TIKTOKEN_CACHE_DIR": str(tmp_path / "empty")})
     line = error_line(r)
     assert line.startswith('error: 3 inputs are missing (README.md, section "Offline"'), line
@@ -136,7 +138,7 @@ def test_rnn_mode_with_a_mistyped_teacher_blames_the_teacher(cola_dir, tmp_path)
     """Without --gpt_variant the student's base comes from --teacher: a --teacher that holds no run is named,
     not the default gpt2-medium that would otherwise be tried."""
     r = in_process("train_distil.py", "--mode", "rnn", "--teacher", str(tmp_path / "runs" / "lroa"), "--data_dir",
-                   str(cola_dir), "--out_dir", str(tmp_path / "rnn"), "--plots_dir", str(tmp_path / "plots"))
+                   str(cola_dir), "--out_dir", str(tmp_path / "rnn"))
     line = error_line(r)
     assert f"--teacher {tmp_path / 'runs' / 'lroa'} holds no train_lora.py run" in line and "--gpt_variant" in line
     assert "gpt2-medium" not in line, line
@@ -194,7 +196,7 @@ def interrupt(p: subprocess.Popen, log: Path) -> str:
 
 
 def test_ctrl_c_in_epoch_1_says_nothing_was_saved(tiny_gpt2, cola_dir, tmp_path):
-    out = tmp_path / "new" / "lora"  # lora_args puts the plots beside it, in new/plots
+    out = tmp_path / "new" / "lora"
     p = start("train_lora.py", lora_args(tiny_gpt2, cola_dir, out, rows=LORA_ROWS, epochs=3), tmp_path / "log")
     for line in p.stdout:  # the last line before the training loop starts
         if "sentences" in line:
@@ -202,7 +204,7 @@ def test_ctrl_c_in_epoch_1_says_nothing_was_saved(tiny_gpt2, cola_dir, tmp_path)
     line = interrupt(p, tmp_path / "log")
     assert not (out / CHECKPOINT).exists()
     assert "nothing was saved" in line and "--resume" not in line, line
-    assert not (tmp_path / "new").exists()  # the run created new/, new/lora and new/plots, and left them empty
+    assert not (tmp_path / "new").exists()  # the run created new/ and new/lora, and left them empty
 
 
 def test_ctrl_c_after_epoch_1_names_the_saved_epoch_and_resume_continues(lora_ref, tiny_gpt2, cola_dir, tmp_path):
@@ -277,7 +279,7 @@ def test_train_lora_ends_by_naming_its_outputs(finished):
     assert named["metrics"] == [out / METRICS, out / PREDICTIONS]
     assert named["weights"] == [out / "adapter.safetensors", out / "adapter_config.json"]
     assert named["checkpoint"] == [out / CHECKPOINT]
-    assert named["plots"] == sorted((out.parent / "plots").glob("lora_*.png")) and len(named["plots"]) == 2
+    assert named["plots"] == [out / "accuracy.png", out / "loss.png"]  # in the run: no other run replaces them
     assert all(p.is_file() for paths in named.values() for p in paths)
 
 
@@ -287,7 +289,8 @@ def test_train_distil_ends_by_naming_its_outputs(cola_dir, tmp_path):
     named = named_outputs(r.stdout)
     assert named["metrics"] == [out / METRICS, out / PREDICTIONS]
     assert named["weights"] == [out / "student.safetensors", out / "student_config.json"]
-    assert {p.name for p in named["plots"]} >= {"rnn_loss.png", "rnn_accuracy.png", "comparison_rnn.png"}
+    assert named["plots"] == [out / name for name in ("accuracy.png", "loss.png", "comparison.md", "comparison.png",
+                                                      "comparison.json")]
     assert all(p.is_file() for paths in named.values() for p in paths)
 
 
@@ -332,8 +335,10 @@ def git(*args: str) -> subprocess.CompletedProcess:
 
 @pytest.mark.skipif(git("rev-parse", "--git-dir").returncode != 0, reason="not a git checkout")
 def test_generated_outputs_are_ignored_and_plots_readme_is_not():
-    generated = ["plots/lora_loss.png", "plots/rnn_accuracy.png", "plots/comparison.png", "plots/comparison.md",
-                 "runs/lora/metrics.json", "data/cola_public_1.1.zip"]
+    generated = ["plots/comparison.png", "plots/comparison.md", "runs/lora/metrics.json", "runs/rnn/loss.png",
+                 "data/cola_public_1.1.zip",  # and what the quick start creates:
+                 ".venv/bin/python", "ckpt/gpt2/model.safetensors", "cola/cola_public/raw/in_domain_train.tsv",
+                 "tiktoken/6d1cbeee0f20b3d9449abfede4726ed8212e3aee"]
     assert git("check-ignore", "--no-index", *generated).stdout.split() == generated
     assert git("check-ignore", "--no-index", "plots/README.md").returncode == 1  # tracked, and not ignored
 
@@ -353,3 +358,36 @@ def test_without_data_and_network_the_suite_stops_in_one_line(tmp_path):
     errors = [ln for ln in (r.stdout + r.stderr).splitlines() if "error" in ln.lower()]
     assert len(errors) == 1 and errors[0].startswith("ERROR: the tests need CoLA"), errors
     assert str(tmp_path / "home" / ".cache" / "gpt2-lora-cola") in errors[0]
+
+
+def test_the_suite_finds_the_quick_starts_cola_and_tiktoken(tmp_path, cola_dir):
+    """After the README's quick start (CoLA in cola/, tiktoken's files in tiktoken/, in the clone), with no
+    ../shared, offline and with empty caches, `python -m pytest -q tests` finds both: nothing is downloaded."""
+    repo = tmp_path / "repo"
+    shutil.copytree(ROOT, repo, ignore=shutil.ignore_patterns(".git", "__pycache__", ".pytest_cache", "data", "runs",
+                                                              "cola", "tiktoken"))
+    shutil.copytree(Path(os.environ["TIKTOKEN_CACHE_DIR"]), repo / "tiktoken")
+    shutil.copytree(cola_dir / "cola_public", repo / "cola" / "cola_public")
+    for d in ("home", "tmp"):
+        (tmp_path / d).mkdir()
+    env = {k: v for k, v in ENV.items() if k not in ("TIKTOKEN_CACHE_DIR", "DATA_GYM_CACHE_DIR", "XDG_CACHE_HOME",
+                                                     "GPT2_COLA_DIR")}
+    env.update(OFFLINE, HOME=str(tmp_path / "home"), TMPDIR=str(tmp_path / "tmp"))
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_data.py", "-k",
+                        "more_samples"], cwd=repo, env=env, capture_output=True, text=True, timeout=TIMEOUT)
+    assert r.returncode == 0 and "1 passed" in r.stdout, r.stdout[-3000:] + r.stderr[-3000:]
+    assert not (tmp_path / "home" / ".cache").exists()  # nothing fetched into a cache
+
+
+def test_threads_sets_the_cpu_threads_and_is_not_a_recipe_key():
+    """--threads N on a shared CPU: torch computes with N threads; the run's config (resume, report groups) is
+    the same whatever N."""
+    before = torch.get_num_threads()
+    try:
+        for n in (1, 2):
+            args = distil_parser().parse_args(["--threads", str(n), "--device", "cpu"])
+            pick_hardware(args)
+            assert torch.get_num_threads() == n
+    finally:
+        torch.set_num_threads(before)
+    assert "threads" not in run_config(args)

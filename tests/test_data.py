@@ -281,3 +281,13 @@ def test_tokenize_empty_is_a_user_error():
         tokenize("train", [], [])
     with pytest.raises(UserError):
         tokenize("train", ["A sentence."], [1], max_samples=0)
+
+
+def test_more_samples_than_rows_says_so(cola_dir, capsys):
+    """--max_train_samples 100000 uses all 8,551 rows: said in one line, not silently."""
+    data = load_cola(cola_dir, 100000, 600)
+    out = capsys.readouterr().out.splitlines()
+    assert len(data["train"]) == 8551 and len(data["dev"]) == 527 and len(data["ood_dev"]) == 516
+    assert out == ["note: --max_train_samples 100000 is more than train's 8551 rows: all of them are used",
+                   "note: --max_eval_samples 600 is more than dev's 527 rows: all of them are used",
+                   "note: --max_eval_samples 600 is more than ood_dev's 516 rows: all of them are used"]

@@ -47,8 +47,7 @@ CPU = torch.device("cpu")
 def lm_flags(tiny, cola_dir, out, *extra: str, objective: str = "lm") -> list[str]:
     return ["--objective", objective, "--gpt_variant", str(tiny), "--data_dir", str(cola_dir),
             "--max_train_samples", "48", "--max_eval_samples", "24", "--epochs", "2", "--batch_size", "16",
-            "--lora_rank", "2", "--lr", "5e-3", "--seed", "7", "--out_dir", str(out),
-            "--plots_dir", str(out.parent / "plots"), "--device", "cpu", *extra]
+            "--lora_rank", "2", "--lr", "5e-3", "--seed", "7", "--out_dir", str(out), "--device", "cpu", *extra]
 
 
 def train(flags: list[str]) -> tuple[dict, str]:
@@ -117,8 +116,7 @@ def test_lm_run_records_loss_and_perplexity_and_keeps_the_lowest_dev_loss(lm_run
     assert m["best_epoch"] == best["epoch"] and m["best"] == best
     assert m["ood_dev"]["ppl"] == pytest.approx(math.exp(m["ood_dev"]["loss"]))
     assert "majority_baseline" not in m and not (out / PREDICTIONS).exists()
-    plots = out.parent / "plots"
-    assert sorted(p.name for p in plots.iterdir()) == ["lm_loss.png", "lm_perplexity.png"]
+    assert {p.name for p in out.glob("*.png")} == {"loss.png", "perplexity.png"}  # in the run directory
     assert f"dev loss {m['epochs'][0]['val_loss']:.4f} perplexity" in printed
     # the adapter is LoRA alone: GPT-2's own LM head, frozen, is not in it
     assert all("lora_" in k for k in load_file(str(out / "adapter.safetensors")))

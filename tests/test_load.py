@@ -212,7 +212,7 @@ def test_rnn_mode_needs_no_teacher(tiny_gpt2, cola_dir, tmp_path):
     r = run("train_distil.py", "--mode", "rnn", "--teacher", str(tmp_path / "no_teacher"), "--gpt_variant",
             str(tiny_gpt2), "--data_dir", str(cola_dir), "--max_train_samples", "100", "--max_eval_samples", "40",
             "--epochs", "1", "--hidden_size", "16", "--freeze_embeddings", "--out_dir", str(tmp_path / "rnn"),
-            "--plots_dir", str(tmp_path / "plots"), "--device", "cpu")
+            "--device", "cpu")
     assert r.returncode == 0, r.stderr
     config = json.loads((tmp_path / "rnn" / "metrics.json").read_text())["config"]
     student = json.loads((tmp_path / "rnn" / "student_config.json").read_text())
@@ -265,7 +265,7 @@ def test_distil_loads_the_base_once(teacher, cola_dir, cola, tmp_path, monkeypat
     monkeypatch.setattr(GPT, "from_pretrained", classmethod(counting))
     common = ["--mode", "distil", "--teacher", str(teacher), "--data_dir", str(cola_dir), "--max_train_samples",
               "120", "--max_eval_samples", "40", "--epochs", "1", "--hidden_size", "16", "--cache_dir",
-              str(tmp_path / "cache"), "--plots_dir", str(tmp_path / "plots"), "--device", "cpu"]
+              str(tmp_path / "cache"), "--device", "cpu"]
     miss = train_distil.train(train_distil.build_parser().parse_args([*common, "--out_dir", str(tmp_path / "a")]))
     assert len(loads) == 1
     assert len(list((tmp_path / "cache").glob("teacher_*.safetensors"))) == 2  # train and dev: computed here

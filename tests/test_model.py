@@ -201,6 +201,7 @@ def test_hub_unreachable_without_cache_is_a_user_error(tmp_path):
     errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1, r.stderr
     assert "local directory" in errors[0] and "gpt2" in errors[0]
+    assert "HF_HUB_OFFLINE is set" in errors[0] and "set HF_HUB_OFFLINE=1" not in errors[0]  # no advice to do what is done
     assert r.stdout == ""
 
 

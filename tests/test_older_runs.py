@@ -45,15 +45,15 @@ def test_resume_of_a_run_whose_config_lacks_a_key(cola, tmp_path):
     loss = lambda logits, batch: F.cross_entropy(logits, batch.labels)  # noqa: E731
     old = {"mode": "rnn", "lr": 1e-3}  # written before KEY existed
     torch.manual_seed(0)
-    fit(DistilRNN(embd_dim=8, hidden_size=8), train, dev, loss, _args(tmp_path, plots_dir=str(tmp_path)), old, "rnn", lambda: None, FP32)
+    fit(DistilRNN(embd_dim=8, hidden_size=8), train, dev, loss, _args(tmp_path), old, "rnn", lambda: None, FP32)
     # today's run records the key; its default-for-older-runs value is the same recipe: resumed (finished, so
     # nothing more to train) and recorded with the key from now on
     same = {**old, KEY: CONFIG_DEFAULTS[KEY]}
-    m = fit(DistilRNN(embd_dim=8, hidden_size=8), train, dev, loss, _args(tmp_path, plots_dir=str(tmp_path), resume=True), same, "rnn",
+    m = fit(DistilRNN(embd_dim=8, hidden_size=8), train, dev, loss, _args(tmp_path, resume=True), same, "rnn",
             lambda: None, FP32)
     assert len(m["epochs"]) == 1 and m["config"] == same
     with pytest.raises(UserError, match=rf"\({KEY} differ\)"):  # another value of the key is another recipe
-        fit(DistilRNN(embd_dim=8, hidden_size=8), train, dev, loss, _args(tmp_path, plots_dir=str(tmp_path), resume=True),
+        fit(DistilRNN(embd_dim=8, hidden_size=8), train, dev, loss, _args(tmp_path, resume=True),
             {**old, KEY: not CONFIG_DEFAULTS[KEY]}, "rnn", lambda: None, FP32)
 
 

@@ -97,7 +97,7 @@ def test_cli_export_peft(tiny_gpt2, cola_dir, batch, tmp_path):
     out, export = tmp_path / "run", tmp_path / "peft"
     r = subprocess.run([sys.executable, "train_lora.py", "--gpt_variant", str(tiny_gpt2), "--data_dir", str(cola_dir),
                         "--max_train_samples", "64", "--max_eval_samples", "32", "--epochs", "1", "--lr", "1e-2",
-                        "--out_dir", str(out), "--plots_dir", str(tmp_path / "plots"), "--export_peft", str(export)],
+                        "--out_dir", str(out), "--export_peft", str(export)],
                        cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-3000:]
     assert (export / "adapter_config.json").is_file() and (export / "adapter_model.safetensors").is_file()

@@ -85,7 +85,7 @@ def runs(gpt2_128, cola_dir, tmp_path_factory) -> dict[str, Path]:
     rows."""
     out = tmp_path_factory.mktemp("runs")
     common = ["--gpt_variant", str(gpt2_128), "--data_dir", str(cola_dir), "--max_train_samples", "64",
-              "--max_eval_samples", "80", "--epochs", "1", "--plots_dir", str(out / "plots"), "--device", "cpu"]
+              "--max_eval_samples", "80", "--epochs", "1", "--device", "cpu"]
     n = torch.get_num_threads()
     torch.set_num_threads(1)  # in this process, as fast as a subprocess without its imports
     try:
@@ -118,7 +118,7 @@ def test_dev_predictions_reproduce_predictions_json(runs, kind, dev_tsv, tmp_pat
     got = read_jsonl(out)
     sentences, _ = read_tsv(dev_tsv)
     assert len(got) == len(sentences) == 527
-    assert [g["index"] for g in got] == [str(i) for i in range(527)]
+    assert [g["index"] for g in got] == list(range(527))  # integers, as in GLUE
     assert [g["sentence"] for g in got] == sentences  # the 4th column, in file order
     saved = json.loads((runs[kind] / "predictions.json").read_text())["dev"]
     assert len(saved["rows"]) == 80
@@ -202,7 +202,7 @@ def test_arguments_stdin_and_text_file_agree(runs, tmp_path):
     r = predict(str(runs["student"]), "--file", str(text), "--output", str(out))
     assert r.returncode == 0, r.stderr[-3000:]
     got = read_jsonl(out)
-    assert [g["sentence"] for g in got] == SENTENCES and [g["index"] for g in got] == ["0", "1"]
+    assert [g["sentence"] for g in got] == SENTENCES and [g["index"] for g in got] == [0, 1]
     for line, g in zip(printed, got):
         assert line.startswith(f"{g['label']} {'acceptable' if g['label'] else 'unacceptable'}")
         assert f"P(acceptable) {g['p_acceptable']:.4f}" in line
@@ -292,7 +292,7 @@ def bf16_lora(gpt2_128, cola_dir, tmp_path_factory) -> Path:
     train_lora.train(train_lora.build_parser().parse_args([
         "--gpt_variant", str(gpt2_128), "--data_dir", str(cola_dir), "--max_train_samples", "64",
         "--max_eval_samples", "80", "--epochs", "1", "--precision", "bf16", "--out_dir", str(out),
-        "--plots_dir", str(out.parent / "plots"), "--device", "cpu"]))
+        "--device", "cpu"]))
     return out
 
 
@@ -324,9 +324,10 @@ def test_sentences_given_as_arguments_are_indexed_from_0(runs, suffix, tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     if suffix == ".jsonl":
         index = [g["index"] for g in read_jsonl(out)]
+        assert index == [0, 1]  # JSONL: integers, as in GLUE
     else:
         index = [line.split("\t")[0] for line in out.read_text().splitlines()[1:]]
-    assert index == ["0", "1"]
+        assert index == ["0", "1"]
 
 
 @pytest.mark.parametrize("flag,name", [("--output", "p.jsonl"), ("--glue_submission", "CoLA.tsv")])

@@ -57,14 +57,14 @@ SEEDS = (1, 2)
 def lora_flags(tiny: Path, cola_dir: Path, out: Path, seed: int) -> list[str]:
     return ["--gpt_variant", str(tiny), "--data_dir", str(cola_dir), "--max_train_samples", "64",
             "--max_eval_samples", "100", "--epochs", "1", "--lora_rank", "2", "--seed", str(seed),
-            "--out_dir", str(out), "--plots_dir", str(out.parent / "plots"), "--device", "cpu"]
+            "--out_dir", str(out), "--device", "cpu"]
 
 
 def student_flags(mode: str, teacher: Path, cola_dir: Path, out: Path, seed: int, *extra: str,
-                  eval_rows: int | None = 100, plots: Path | None = None) -> list[str]:
+                  eval_rows: int | None = 100) -> list[str]:
     return ["--mode", mode, "--teacher", str(teacher), "--init_embeddings", "none", "--embd_dim", "16",
             "--hidden_size", "16", "--data_dir", str(cola_dir), "--max_train_samples", "64", "--epochs", "1",
-            "--seed", str(seed), "--out_dir", str(out), "--plots_dir", str(plots or out.parent / "plots"),
+            "--seed", str(seed), "--out_dir", str(out),
             "--cache_dir", str(out.parent / "cache"), "--device", "cpu",
             *(["--max_eval_samples", str(eval_rows)] if eval_rows else []), *extra]
 
@@ -91,9 +91,8 @@ def runs(tmp_path_factory, tiny_gpt2, cola_dir) -> Path:
             train_lora(lora_flags(tiny_gpt2, cola_dir, root / f"lora_{s}", s))
         for s in SEEDS:
             train_student(student_flags("rnn", root / "lora_1", cola_dir, root / f"rnn_{s}", s))
-        for s in SEEDS:  # distil_2 is made with rnn_* and lora_2 beside it, and its own plots_dir
-            train_student(student_flags("distil", root / "lora_1", cola_dir, root / f"distil_{s}", s,
-                                        plots=root / f"plots_distil_{s}"))
+        for s in SEEDS:  # distil_2 is made with rnn_* and lora_2 beside it
+            train_student(student_flags("distil", root / "lora_1", cola_dir, root / f"distil_{s}", s))
         train_student(student_flags("rnn", root / "lora_1", cola_dir, root / "rnn_full", 1, eval_rows=None))
     finally:
         torch.set_num_threads(threads)
@@ -179,7 +178,7 @@ def test_distil_vs_rnn_and_students_vs_their_teacher_are_paired(runs, tmp_path):
 
 def test_train_distil_compares_only_its_own_run_and_teacher(runs):
     """distil_2 was made with lora_2, rnn_1 and rnn_2 beside it: none of them is its teacher or itself."""
-    text = (runs / "plots_distil_2" / "comparison_distil_2.md").read_text()
+    text = (runs / "distil_2" / "comparison.md").read_text()
     assert "| G1 | lora | 1 seed |" in text and "| G2 | distil | 1 seed |" in text and "| rnn" not in text
     assert "lora_1" in text and "distil_2" in text
     for stranger in ("lora_2", "rnn_1", "rnn_2", "distil_1"):
@@ -769,7 +768,7 @@ def test_curves_separate_loss_accuracy_and_mcc(mode):
     loss_axes = figs["loss"].axes
     if mode == "distil":
         kd, ce = loss_axes
-        assert "KD" in kd.get_title() and "KD" in kd.get_ylabel()
+        assert kd.get_title() == "run: train KD loss" and kd.get_ylabel() == report.LEGACY_KD_LOSS  # no loss_name
         assert labels_of(kd) == ["train KD loss"]  # alone: no dev cross-entropy, no class-prior line
         assert "train" not in " ".join(labels_of(ce)) and any("prior" in s for s in labels_of(ce))
         mse = report.curve_figures({**curve_metrics(mode, collapsed=False), "loss_name": loss_name("mse", 2.0, 0.7)},
@@ -779,6 +778,27 @@ def test_curves_separate_loss_accuracy_and_mcc(mode):
     else:
         (ce,) = loss_axes
         assert "KD" not in ce.get_title() and {"train", "dev"} <= set(labels_of(ce))
+
+
+def test_the_train_loss_label_comes_from_the_run():
+    """metrics["loss_name"] labels the train loss's own panel; the label is not hard-coded for a mode."""
+    m = {**curve_metrics("distil", collapsed=False), "loss_name": "KD loss: 0.5 T² KL + 0.5 CE, T = 4"}
+    kd, _ = report.curve_figures(m, "run")["loss"].axes
+    assert kd.get_ylabel() == "KD loss: 0.5 T² KL + 0.5 CE, T = 4"
+    m = {**curve_metrics("rnn", collapsed=False), "loss_name": "mse"}  # any mode: a loss other than CE
+    kd, ce = report.curve_figures(m, "run")["loss"].axes
+    assert kd.get_ylabel() == "mse" and labels_of(kd) == ["train mse"] and "train" not in labels_of(ce)
+    (ce,) = report.curve_figures({**m, "loss_name": report.CE_LOSS}, "run")["loss"].axes
+    assert "train" in labels_of(ce)
+
+
+def test_a_one_epoch_run_has_integer_epoch_ticks():
+    m = curve_metrics("rnn", collapsed=False)
+    m["epochs"], m["best_epoch"] = m["epochs"][:1], 1
+    for fig in report.curve_figures(m, "run").values():
+        fig.canvas.draw()
+        for ax in fig.axes:
+            assert [t.get_text() for t in ax.get_xticklabels()] == ["1"]
 
 
 def test_a_collapsed_dev_curve_is_drawn_over_its_baseline_and_marked():
@@ -796,10 +816,15 @@ def cli(*args: str) -> subprocess.CompletedProcess:
 
 
 def test_curves_are_redrawn_from_metrics_json(runs, tmp_path):
-    r = cli("--curves", str(runs / "distil_1"), "--plots_dir", str(tmp_path))
+    run = tmp_path / "distil_1"
+    shutil.copytree(runs / "distil_1", run)
+    for name in ("loss.png", "accuracy.png"):
+        (run / name).unlink()
+    r = cli("--curves", str(run))
     assert r.returncode == 0, r.stderr
-    for name in ("distil_1_loss.png", "distil_1_accuracy.png"):
-        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for name in ("loss.png", "accuracy.png"):  # redrawn in the run's own directory
+        assert (run / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["distil_1"]
 
 
 def test_curves_mark_the_kept_epoch_and_explain_the_prior_line():
@@ -828,20 +853,21 @@ def test_curves_never_zoom_in_below_a_few_sentences():
 
 
 def test_training_and_curves_name_the_run_alike(runs, tmp_path):
-    """Training draws runs/rnn_2's curves as rnn_2_*.png titled rnn_2, as `report.py --curves` redraws them."""
-    assert (runs / "plots" / "rnn_2_accuracy.png").is_file() and not (runs / "plots" / "rnn_accuracy.png").exists()
-    r = cli("--curves", str(runs / "rnn_2"), "--plots_dir", str(tmp_path))
+    """Training draws runs/rnn_2's curves into runs/rnn_2, where `report.py --curves` redraws them."""
+    assert (runs / "rnn_2" / "accuracy.png").is_file()
+    r = cli("--curves", str(runs / "rnn_2"))
     assert r.returncode == 0, r.stderr
-    assert f"wrote {tmp_path / 'rnn_2_accuracy.png'}" in r.stdout
+    assert f"wrote {runs / 'rnn_2' / 'accuracy.png'}" in r.stdout
 
 
 def test_each_training_run_writes_a_comparison_of_its_own(runs):
-    """rnn_1 and rnn_2 share a plots_dir: neither's comparison replaces the other's."""
+    """Every run's figures and comparison are in its own directory: no run writes a file beside the runs (the
+    old plots/ filled up, and --out_dir runs/other/rnn_1 replaced runs/rnn_1's figures)."""
     for s in SEEDS:
-        text = (runs / "plots" / f"comparison_rnn_{s}.md").read_text()
+        text = (runs / f"rnn_{s}" / "comparison.md").read_text()
         assert str(runs / f"rnn_{s}") in text and str(runs / f"rnn_{3 - s}") not in text
-        assert (runs / "plots" / f"comparison_rnn_{s}.png").is_file()
-    assert not (runs / "plots" / "comparison.md").exists()
+        assert (runs / f"rnn_{s}" / "comparison.png").is_file()
+    assert all(p.is_dir() for p in runs.iterdir()), sorted(runs.iterdir())
 
 
 def test_report_name_sets_the_file_stem(runs, tmp_path):
@@ -855,7 +881,8 @@ def test_report_name_sets_the_file_stem(runs, tmp_path):
 
 def test_report_skips_folders_that_are_not_runs(runs, tmp_path):
     """`report.py runs/*` with the teacher-logit cache (runs/cache) and a plots folder among the runs."""
-    assert (runs / "cache").is_dir() and (runs / "plots").is_dir()
+    (runs / "plots").mkdir(exist_ok=True)  # a folder a user keeps report.py's comparisons in
+    assert (runs / "cache").is_dir()
     r = cli(str(runs / "rnn_1"), str(runs / "cache"), str(runs / "plots"), "--plots_dir", str(tmp_path))
     assert r.returncode == 0, r.stderr
     notes = [ln for ln in r.stdout.splitlines() if ln.startswith("note: skipping")]

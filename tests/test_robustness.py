@@ -98,7 +98,7 @@ def ok(r: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
 def lora_args(tiny: Path, cola_dir: Path, out: Path, *extra: str, rows: int = 64, epochs: int = 1) -> list[str]:
     return ["--gpt_variant", str(tiny), "--data_dir", str(cola_dir), "--max_train_samples", str(rows),
             "--max_eval_samples", "100" if rows > 64 else "32", "--epochs", str(epochs), "--lora_rank", "2",
-            "--batch_size", "32", "--seed", "7", "--out_dir", str(out), "--plots_dir", str(out.parent / "plots"),
+            "--batch_size", "32", "--seed", "7", "--out_dir", str(out),
             "--device", "cpu", *extra]
 
 
@@ -107,7 +107,7 @@ def distil_args(mode: str, teacher: Path, cola_dir: Path, out: Path, cache: Path
     return ["--mode", mode, "--teacher", str(teacher), "--init_embeddings", "none", "--embd_dim", "16",
             "--hidden_size", "16", "--data_dir", str(cola_dir), "--max_train_samples", str(rows),
             "--max_eval_samples", "100" if rows > 64 else "32", "--epochs", str(epochs), "--batch_size", "32",
-            "--seed", "7", "--out_dir", str(out), "--plots_dir", str(out.parent / "plots"), "--cache_dir", str(cache),
+            "--seed", "7", "--out_dir", str(out), "--cache_dir", str(cache),
             "--device", "cpu", *extra]
 
 
@@ -468,9 +468,10 @@ CASES = {
     "resume_other_config": resume_other_config,
     "resume_garbage_checkpoint": resume_garbage_checkpoint,
     "lora_out_dir_unwritable": unwritable("train_lora.py", "--out_dir"),
-    "lora_plots_dir_unwritable": unwritable("train_lora.py", "--plots_dir"),
+    # a run's curves are in its --out_dir now: an older command line's --plots_dir is one line naming it
+    "lora_plots_dir_gone": needs("--plots_dir")(lora_case("--plots_dir", "plots")),
     "distil_out_dir_unwritable": unwritable("train_distil.py", "--out_dir"),
-    "distil_plots_dir_unwritable": unwritable("train_distil.py", "--plots_dir"),
+    "distil_plots_dir_gone": needs("--plots_dir")(distil_case("--plots_dir", "plots")),
     "lr_diverges": diverging_lr,
 }
 

@@ -47,8 +47,8 @@ VOCAB = 50257
 
 # Flags that change no number a run computes: where its files go, what to do with an earlier run, which device
 # (the precision it leads to is recorded), the batching of forward-only passes, and how the same step is executed.
-NOT_TRAINING = {"help", "resume", "overwrite", "out_dir", "plots_dir", "data_dir", "cache_dir", "export_peft",
-                "device", "eval_batch_size", "compile", "cuda_graphs"}
+NOT_TRAINING = {"help", "resume", "overwrite", "out_dir", "data_dir", "cache_dir", "export_peft",
+                "device", "eval_batch_size", "compile", "cuda_graphs", "threads"}
 # Recorded as resolved, not as given: --precision auto, the base's location, the student's width.
 RESOLVED = {"precision", "gpt_variant", "embd_dim"}
 SCRIPTS = {"train_lora.py": train_lora, "train_distil.py": train_distil}
@@ -211,7 +211,7 @@ def test_the_default_student_trains_its_embedding_through_a_sparse_gradient(extr
     train_distil.train(train_distil.build_parser().parse_args([
         "--mode", "rnn", "--gpt_variant", str(tiny_gpt2), "--hidden_size", "8", "--data_dir", str(cola_dir),
         "--max_train_samples", "64", "--max_eval_samples", "16", "--epochs", "1", "--out_dir", str(out),
-        "--plots_dir", str(tmp_path / "plots"), "--teacher", str(tmp_path / "none"), "--device", "cpu", *extra]))
+        "--teacher", str(tmp_path / "none"), "--device", "cpu", *extra]))
     assert seen == [layout, layout]  # two steps, the embedding's gradient each time
     assert json.loads((out / METRICS).read_text())["config"]["dense_embedding_grad"] == bool(extra)
 

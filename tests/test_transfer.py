@@ -70,7 +70,7 @@ def lm_run(tmp_path_factory, cola_dir) -> Path:
     out = tmp_path_factory.mktemp("lm") / "lm"
     run("train_lora.py", "--objective", "lm", "--gpt_variant", str(base), "--data_dir", str(cola_dir),
         "--max_train_samples", "300", "--max_eval_samples", "32", "--epochs", "2", "--lora_rank", "4", "--lr", "1e-2",
-        "--batch_size", "16", "--out_dir", str(out), "--plots_dir", str(out.parent / "plots"), "--device", "cpu")
+        "--batch_size", "16", "--out_dir", str(out), "--device", "cpu")
     return out
 
 
@@ -78,8 +78,8 @@ def distil_flags(teacher: Path, generator: Path, cola_dir: Path, out: Path, cach
     return ["--mode", "distil", "--teacher", str(teacher), "--generator", str(generator), "--init_embeddings", "none",
             "--embd_dim", "16", "--hidden_size", "16", "--data_dir", str(cola_dir), "--max_train_samples", "64",
             "--max_eval_samples", "32", "--epochs", "1", "--batch_size", "32", "--seed", "7", "--gen_top_p", "1",
-            "--gen_max_tokens", "24", "--gen_batch_size", "100", "--out_dir", str(out), "--plots_dir",
-            str(out.parent / "plots"), "--cache_dir", str(cache), "--device", "cpu", *extra]
+            "--gen_max_tokens", "24", "--gen_batch_size", "100", "--out_dir", str(out),
+            "--cache_dir", str(cache), "--device", "cpu", *extra]
 
 
 # ---------------------------------------------------------------- the filter and the cache key
@@ -245,7 +245,7 @@ def test_run_written_before_the_new_flags_resumes(lora_ref, cola_dir, tmp_path, 
     flags = lambda out: ["--mode", "distil", "--teacher", str(lora_ref), "--init_embeddings", "none",  # noqa: E731
                          "--embd_dim", "16", "--hidden_size", "16", "--data_dir", str(cola_dir), "--max_train_samples",
                          "64", "--max_eval_samples", "32", "--epochs", "2", "--seed", "7", "--out_dir", str(out),
-                         "--plots_dir", str(tmp_path / "plots"), "--cache_dir", str(tmp_path / "cache"),
+                         "--cache_dir", str(tmp_path / "cache"),
                          "--device", "cpu"]
     ref, out = tmp_path / "ref", tmp_path / "old"
     want = train_distil.train(parse(*flags(ref)))
